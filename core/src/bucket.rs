@@ -1,36 +1,46 @@
-//! A token bucket kept as one instant (GCRA): exact integer time arithmetic, no floats, and a
-//! bucket that is full is recognisable without a sweep.
+//! Token-bucket arithmetic shared by admission (§3.1) and push wake (§11).
+//!
+//! A bucket is kept as one number, the time at which it is full again (the generic cell rate
+//! algorithm): taking a token moves that time one refill interval later, and the bucket gives a
+//! token while it is at most `burst - 1` intervals short of full. Fractional progress is exact to
+//! the nanosecond, and a bucket whose time has passed is the same as a new one, so it may be
+//! forgotten. Times are offsets from the owning machine's epoch.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// `capacity` tokens, one more every `refill`. A new bucket starts full.
+/// `burst` tokens, one more every `refill`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TokenBucket {
-    /// When the bucket will be full again; at or before `now` it is full.
-    full_at: Option<Instant>,
+pub(crate) struct Rate {
+    burst: u32,
+    refill: Duration,
+    /// How far short of full a bucket may be and still give a token: `(burst - 1) × refill`.
+    slack: Duration,
 }
 
-impl TokenBucket {
-    pub(crate) const FULL: TokenBucket = TokenBucket { full_at: None };
-
-    /// Takes one token if there is one.
-    pub(crate) fn try_take(&mut self, now: Instant, capacity: u32, refill: Duration) -> bool {
-        let base = match self.full_at {
-            Some(at) if at > now => at,
-            _ => now,
-        };
-        let full_at = base + refill;
-        // Taking is allowed while the debt after it stays within the capacity.
-        if full_at.saturating_duration_since(now) > refill.saturating_mul(capacity) {
-            return false;
+impl Rate {
+    pub(crate) fn new(burst: u32, refill: Duration) -> Rate {
+        let slack = refill
+            .checked_mul(burst.saturating_sub(1))
+            .unwrap_or(Duration::MAX);
+        Rate {
+            burst,
+            refill,
+            slack,
         }
-        self.full_at = Some(full_at);
-        true
     }
 
-    /// Whether the bucket has refilled completely (and so may be forgotten).
-    pub(crate) fn is_full(&self, now: Instant) -> bool {
-        self.full_at.is_none_or(|at| at <= now)
+    /// Takes one token from the bucket that is full again at `full_at` (`Duration::ZERO` for a
+    /// new bucket). An empty bucket gives `false` and is left as it is.
+    pub(crate) fn take(&self, full_at: &mut Duration, now: Duration) -> bool {
+        if self.burst == 0 {
+            return false;
+        }
+        let base = (*full_at).max(now);
+        if base - now > self.slack {
+            return false;
+        }
+        *full_at = base.saturating_add(self.refill);
+        true
     }
 }
 
@@ -40,18 +50,25 @@ mod tests {
 
     #[test]
     fn burst_then_refill_with_fractional_progress() {
-        let t0 = Instant::now();
-        let refill = Duration::from_secs(6);
-        let mut b = TokenBucket::FULL;
+        let rate = Rate::new(20, Duration::from_secs(6));
+        let mut b = Duration::ZERO;
         for _ in 0..20 {
-            assert!(b.try_take(t0, 20, refill));
+            assert!(rate.take(&mut b, Duration::ZERO));
         }
-        assert!(!b.try_take(t0, 20, refill));
+        assert!(!rate.take(&mut b, Duration::ZERO));
         // 3 s is half a token: still empty, and the denied attempt took nothing.
-        assert!(!b.try_take(t0 + Duration::from_secs(3), 20, refill));
-        assert!(b.try_take(t0 + Duration::from_secs(6), 20, refill));
-        assert!(!b.try_take(t0 + Duration::from_secs(6), 20, refill));
-        assert!(!b.is_full(t0 + Duration::from_secs(125)));
-        assert!(b.is_full(t0 + Duration::from_secs(126)));
+        assert!(!rate.take(&mut b, Duration::from_secs(3)));
+        assert!(rate.take(&mut b, Duration::from_secs(6)));
+        assert!(!rate.take(&mut b, Duration::from_secs(6)));
+        assert_eq!(b, Duration::from_secs(126));
+    }
+
+    #[test]
+    fn zero_burst_never_gives_and_huge_refill_saturates() {
+        let mut b = Duration::ZERO;
+        assert!(!Rate::new(0, Duration::from_secs(1)).take(&mut b, Duration::ZERO));
+        let rate = Rate::new(2, Duration::MAX);
+        assert!(rate.take(&mut b, Duration::from_secs(1)));
+        assert_eq!(b, Duration::MAX);
     }
 }

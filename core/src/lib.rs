@@ -63,6 +63,8 @@
 //! Randomness is a seed: conn ids come from a ChaCha generator seeded by [`Relay::new`] (from the
 //! OS in production, from a test's seed in simulation), so a run replays exactly.
 
+#![forbid(unsafe_code)]
+
 mod bucket;
 mod close;
 mod config;

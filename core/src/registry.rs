@@ -2,7 +2,8 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::bucket::TokenBucket;
+use std::time::Duration;
+
 use crate::id::{ConnId, ConnKey};
 use crate::timer::TimerKey;
 
@@ -34,8 +35,8 @@ pub(crate) struct Entry {
     pub(crate) phones: BTreeMap<ConnId, ConnKey>,
     /// The holder's outbox went over budget: reading from every phone is paused (§10.2).
     pub(crate) paused: bool,
-    /// Push-wake admission for this id (§11).
-    pub(crate) push: TokenBucket,
+    /// Push-wake admission for this id (§11): when its bucket is full again (see `bucket`).
+    pub(crate) push: Duration,
 }
 
 impl Entry {
@@ -44,7 +45,7 @@ impl Entry {
             state: State::Free,
             phones: BTreeMap::new(),
             paused: false,
-            push: TokenBucket::FULL,
+            push: Duration::ZERO,
         }
     }
 

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use rand_chacha::ChaCha12Rng;
 use rand_core::{Rng, SeedableRng};
 
+use crate::bucket::Rate;
 use crate::close::{CloseCode, Ended, NOTICE_NO_CODE, Violation};
 use crate::config::Config;
 use crate::counters::{Counters, Direction, DropReason, Endpoint, UpgradeOutcome};
@@ -39,7 +40,10 @@ const REASON_SHUTDOWN: &str = "shutting down";
 pub struct Relay {
     config: Config,
     rng: ChaCha12Rng,
+    /// The `now` the shard was created with: token buckets count from it.
+    epoch: Instant,
     now: Instant,
+    push_rate: Rate,
     conns: BTreeMap<ConnKey, Conn>,
     ids: BTreeMap<ServerId, Entry>,
     /// Public ids of every connection alive on this shard, so a drawn id is never reused (§5).
@@ -64,6 +68,8 @@ struct Conn {
     paused: bool,
     /// A data message has begun and not finished.
     reading: bool,
+    /// TCP drop was ordered; only `Closed` is awaited.
+    aborted: bool,
     ping: Option<TimerKey>,
     pong: Option<TimerKey>,
     read: Option<TimerKey>,
@@ -108,10 +114,13 @@ impl Relay {
     /// Creates a shard. `seed` keys the generator conn ids are drawn from: from the OS in
     /// production, fixed in a test so the run replays.
     pub fn new(config: Config, seed: [u8; 32], now: Instant) -> Relay {
+        let push_rate = Rate::new(config.push_burst, config.push_refill);
         Relay {
             config,
             rng: ChaCha12Rng::from_seed(seed),
+            epoch: now,
             now,
+            push_rate,
             conns: BTreeMap::new(),
             ids: BTreeMap::new(),
             live_ids: BTreeSet::new(),
@@ -197,6 +206,11 @@ impl Relay {
         self.ids.get(server_id).and_then(Entry::holder)
     }
 
+    /// Server-ids the shard keeps state for (held, probed, in grace, or with phones still open).
+    pub fn server_ids(&self) -> usize {
+        self.ids.len()
+    }
+
     fn advance(&mut self, now: Instant) {
         debug_assert!(now >= self.now, "time went backwards");
         self.now = self.now.max(now);
@@ -232,6 +246,7 @@ impl Relay {
                 ending: false,
                 paused: false,
                 reading: false,
+                aborted: false,
                 ping: None,
                 pong: None,
                 read: None,
@@ -509,10 +524,7 @@ impl Relay {
             return;
         }
         let entry = self.ids.get_mut(sid).expect("holder's id has an entry");
-        if entry
-            .push
-            .try_take(self.now, self.config.push_burst, self.config.push_refill)
-        {
+        if self.push_rate.take(&mut entry.push, self.now - self.epoch) {
             self.out.push_back(Output::PushWake {
                 server_id: sid.clone(),
                 token,
@@ -733,6 +745,9 @@ impl Relay {
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
+        if std::mem::replace(&mut c.aborted, true) {
+            return;
+        }
         let was_ending = std::mem::replace(&mut c.ending, true);
         self.timers.cancel(&mut c.ping);
         self.timers.cancel(&mut c.pong);

@@ -92,6 +92,7 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // a test clock origin
     fn fires_in_deadline_then_arming_order() {
         let t0 = Instant::now();
         let mut table = TimerTable::default();
