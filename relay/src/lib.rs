@@ -1,0 +1,27 @@
+//! The command-line front of Switchyard: settings from flags and environment
+//! (PROTOCOL.md §14), the `/metrics` text (§12) and log lines (§15). The I/O runtime that drives
+//! `switchyard-core` plugs in at [`run`].
+
+pub mod cli;
+pub mod logging;
+pub mod metrics;
+
+use std::process::ExitCode;
+
+pub use cli::{
+    Acme, BootError, ListenAddr, LogFormat, Origin, ProcessIdentity, Push, Runtime, Secret,
+    ServiceAccount, Settings, Tls,
+};
+pub use metrics::{MetricsOptions, render};
+
+/// Runs the relay until a signal-driven shutdown and returns the process exit code (§13).
+///
+/// Placeholder until the I/O runtime is linked: it logs and returns exit code 1.
+pub fn run(settings: Settings) -> ExitCode {
+    tracing::error!(
+        runtime = settings.runtime.as_str(),
+        err = "runtime not yet linked",
+        "runtime_not_linked"
+    );
+    ExitCode::from(1)
+}
