@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod logging;
 pub mod metrics;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -15,13 +16,6 @@ pub use cli::{
 pub use metrics::{MetricsOptions, render};
 
 /// Runs the relay until a signal-driven shutdown and returns the process exit code (§13).
-///
-/// Placeholder until the I/O runtime is linked: it logs and returns exit code 1.
 pub fn run(settings: Settings) -> ExitCode {
-    tracing::error!(
-        runtime = settings.runtime.as_str(),
-        err = "runtime not yet linked",
-        "runtime_not_linked"
-    );
-    ExitCode::from(1)
+    serve::run(settings)
 }

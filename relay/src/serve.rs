@@ -1,0 +1,139 @@
+//! Runs a node on the chosen runtime until a signal-driven shutdown (PROTOCOL.md §13).
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+use crate::cli::{ListenAddr, Runtime, Settings, Tls};
+use crate::metrics::{MetricsOptions, render};
+
+/// Exit code 1: a listener could not be bound, or the node cannot run as configured (§13).
+const EXIT_LISTENER: u8 = 1;
+
+/// Starts the node, serves until SIGTERM or SIGINT, drains, and returns the exit code.
+pub fn run(settings: Settings) -> ExitCode {
+    if let Some(missing) = not_yet_supported(&settings) {
+        tracing::error!(
+            runtime = settings.runtime.as_str(),
+            reason = "not_implemented",
+            err = missing,
+            "refusing_to_start"
+        );
+        return ExitCode::from(EXIT_LISTENER);
+    }
+    let listen = match resolve(&settings.listen) {
+        Ok(addr) => addr,
+        Err(e) => {
+            let listen = display(&settings.listen);
+            tracing::error!(
+                listen = listen.as_str(),
+                err = bind_error(&e),
+                "refusing_to_start"
+            );
+            return ExitCode::from(EXIT_LISTENER);
+        }
+    };
+    // Signals are caught from here on: one arriving while the node starts is not lost, and once
+    // shutdown has begun further signals are ignored rather than killing the process.
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(s) => s,
+        Err(_) => {
+            tracing::error!(err = "cannot install signal handlers", "refusing_to_start");
+            return ExitCode::from(EXIT_LISTENER);
+        }
+    };
+    let metrics = MetricsOptions::from_settings(&settings);
+    let options = switchyard_tokio::Options {
+        listen,
+        metrics_listen: settings.metrics_listen,
+        workers: settings.workers.get(),
+        config: settings.config.clone(),
+        seed: None,
+        render_metrics: Arc::new(move |c| render(c, &metrics)),
+    };
+    let handle = match switchyard_tokio::start(options) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!(
+                listen = %listen,
+                err = bind_error(&e),
+                "refusing_to_start"
+            );
+            return ExitCode::from(EXIT_LISTENER);
+        }
+    };
+    let metrics_addr = handle
+        .metrics_addr()
+        .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    tracing::info!(
+        listen = %handle.local_addr(),
+        addr = metrics_addr.as_str(),
+        mode = "http",
+        runtime = settings.runtime.as_str(),
+        workers = settings.workers.get(),
+        version = settings.config.version.as_str(),
+        "listening"
+    );
+    for signal in signals.forever() {
+        match signal {
+            SIGHUP => handle.rebalance(),
+            _ => break,
+        }
+    }
+    tracing::info!("shutdown_started");
+    let delay = settings.config.drain_delay;
+    if !delay.is_zero() {
+        handle.start_draining();
+        std::thread::sleep(delay);
+    }
+    handle.shutdown();
+    handle.wait();
+    tracing::info!("shutdown_complete");
+    drop(signals);
+    ExitCode::SUCCESS
+}
+
+/// What the settings ask for that this build cannot do yet.
+fn not_yet_supported(settings: &Settings) -> Option<&'static str> {
+    if settings.runtime == Runtime::Smol {
+        return Some("the smol runtime is not linked yet");
+    }
+    if !matches!(settings.tls, Tls::Off) {
+        return Some("TLS is not implemented yet");
+    }
+    if settings.proxy_protocol {
+        return Some("the PROXY protocol is not implemented yet");
+    }
+    None
+}
+
+fn resolve(listen: &ListenAddr) -> io::Result<SocketAddr> {
+    match listen {
+        ListenAddr::Ip(addr) => Ok(*addr),
+        ListenAddr::Host { host, port } => (host.as_str(), *port)
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable)),
+    }
+}
+
+fn display(listen: &ListenAddr) -> String {
+    match listen {
+        ListenAddr::Ip(addr) => addr.to_string(),
+        ListenAddr::Host { host, port } => format!("{host}:{port}"),
+    }
+}
+
+/// Fixed text for a bind failure (§15: `err` is relay-chosen text).
+fn bind_error(e: &io::Error) -> &'static str {
+    match e.kind() {
+        io::ErrorKind::AddrInUse => "address in use",
+        io::ErrorKind::AddrNotAvailable => "address not available",
+        io::ErrorKind::PermissionDenied => "permission denied",
+        _ => "cannot listen",
+    }
+}

@@ -1,0 +1,178 @@
+//! The built `switchyard` binary as a process: listeners, signals and exit codes (PROTOCOL.md
+//! §13, checklist items 4, 72, 75, 78).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("FLY_APP_NAME")
+        .env_remove("PYRYCODE_RELAY_PRODUCTION")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn switchyard")
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n")?.1.to_owned();
+    Some((status, body))
+}
+
+/// Polls `path` until it answers.
+fn wait_for(addr: SocketAddr, path: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(r) = get(addr, path) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{addr}{path} never answered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .args([format!("-{name}"), child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ports() -> (SocketAddr, SocketAddr) {
+    let main: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    (main, metrics)
+}
+
+#[test]
+fn item_4_no_arguments_serve_the_defaults() {
+    let main: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    let metrics: SocketAddr = "127.0.0.1:9090".parse().unwrap();
+    // The default ports are shared with whatever else runs on this machine.
+    if TcpListener::bind(main).is_err() || TcpListener::bind(metrics).is_err() {
+        eprintln!("skipped: 127.0.0.1:8080 or :9090 is in use");
+        return;
+    }
+    let mut child = spawn(&[]);
+    let (status, body) = wait_for(main, "/healthz");
+    assert_eq!(status, 200);
+    assert!(body.starts_with(r#"{"status":"ok""#), "{body}");
+    let (status, body) = wait_for(metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.ends_with("# EOF\n"));
+    signal(&child, "TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(11)).code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn item_72_sigterm_exits_0_and_stops_listening() {
+    let (main, metrics) = ports();
+    let mut child = spawn(&[
+        "--listen",
+        &main.to_string(),
+        "--metrics-listen",
+        &metrics.to_string(),
+    ]);
+    assert_eq!(wait_for(main, "/healthz").0, 200);
+    // SIGHUP (rebalance) does not stop the process.
+    signal(&child, "HUP");
+    assert_eq!(wait_for(main, "/healthz").0, 200);
+    let t = Instant::now();
+    signal(&child, "TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(11)).code(),
+        Some(0)
+    );
+    assert!(t.elapsed() < Duration::from_secs(11));
+    assert!(TcpStream::connect(main).is_err(), "still listening");
+}
+
+#[test]
+fn item_78_drain_delay_answers_draining_then_exits() {
+    let (main, metrics) = ports();
+    let mut child = spawn(&[
+        "--listen",
+        &main.to_string(),
+        "--metrics-listen",
+        &metrics.to_string(),
+        "--drain-delay",
+        "1s",
+    ]);
+    assert_eq!(wait_for(main, "/healthz").0, 200);
+    signal(&child, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let (status, body) = wait_for(main, "/healthz");
+        if status == 503 {
+            assert!(body.starts_with(r#"{"status":"draining""#), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never draining");
+    }
+    // A second signal during the delay is ignored.
+    signal(&child, "TERM");
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(11)).code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn item_75_port_in_use_exits_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = spawn(&["--listen", &addr, "--metrics-listen", ""]);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(5)).code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn bad_flag_exits_2() {
+    let mut child = spawn(&["--no-such-flag"]);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(5)).code(),
+        Some(2)
+    );
+}

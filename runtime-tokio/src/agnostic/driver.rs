@@ -1,0 +1,346 @@
+//! Drives one upgraded connection: frames in, the shard's commands out, over async-tungstenite.
+//!
+//! [`ConnDriver::next_event`] is runtime-neutral (futures-io streams, no timers, no channels): the
+//! runtime's connection task loops on it and forwards what it reports to the shard.
+
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use async_tungstenite::WebSocketStream;
+use bytes::Bytes;
+use futures_util::io::{AsyncRead, AsyncWrite};
+use futures_util::{Sink, Stream};
+use switchyard_core::{ConnKey, Ended, Input, Violation};
+use tungstenite::error::{Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::{CloseFrame, coding::CloseCode as WsCloseCode};
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Message, Utf8Bytes};
+
+use super::queue::{Cmd, ConnQueue};
+use super::scanner::Watched;
+
+/// Commands fed to the codec before a flush is forced, so `Written` keeps flowing under load.
+const MAX_BATCH: usize = 64;
+/// Read size while discarding input after a framing violation.
+const DISCARD_CHUNK: usize = 2048;
+
+/// The codec settings for an accepted connection: the core's message limit on whole messages
+/// and on single frames, small buffers, masking required.
+pub fn websocket_config(max_message_size: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(16 * 1024)
+        .max_message_size(Some(max_message_size))
+        .max_frame_size(Some(max_message_size))
+        .accept_unmasked_frames(false)
+}
+
+/// Wraps an upgraded socket (the 101 already written) in the server side of the codec. `rest`
+/// holds bytes read after the request head.
+pub async fn accept<S>(
+    socket: S,
+    rest: Vec<u8>,
+    max_message_size: usize,
+) -> WebSocketStream<Watched<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut watched = Watched::new(socket);
+    watched.observe(&rest);
+    let config = Some(websocket_config(max_message_size));
+    if rest.is_empty() {
+        WebSocketStream::from_raw_socket(watched, Role::Server, config).await
+    } else {
+        WebSocketStream::from_partially_read(watched, rest, Role::Server, config).await
+    }
+}
+
+/// What happened on a connection, for its shard.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Forward this input.
+    Input(Input),
+    /// This many [`Input::Written`], one per `Send`, in order: a flush completed.
+    Written(usize),
+    /// The connection is over: drop the socket, then report [`Input::Closed`] with this.
+    End(Ended),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Through the codec.
+    Frames,
+    /// After a framing violation the codec is done; raw bytes are discarded until the peer's
+    /// close frame (found by the scanner) or EOF.
+    Discarding,
+}
+
+/// One accepted connection's reader and writer.
+pub struct ConnDriver<S> {
+    conn: ConnKey,
+    ws: WebSocketStream<Watched<S>>,
+    queue: Arc<ConnQueue>,
+    reading: Reading,
+    /// A `MessageStarted` was reported for the message now in progress.
+    started_reported: bool,
+    /// The peer's close frame arrived: its raw code.
+    peer_close: Option<Option<u16>>,
+    /// `Send`s handed to the codec since the last completed flush.
+    unflushed: usize,
+    /// Something was handed to the codec since the last completed flush.
+    dirty: bool,
+    /// The close frame was handed to the codec.
+    close_queued: bool,
+    /// Nothing more will be written: the close frame is out, or the codec refuses writes.
+    write_done: bool,
+    /// Alternates which side is polled first, so neither starves the other.
+    write_first: bool,
+    discard: Vec<u8>,
+}
+
+impl<S> ConnDriver<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    pub fn new(conn: ConnKey, ws: WebSocketStream<Watched<S>>, queue: Arc<ConnQueue>) -> Self {
+        ConnDriver {
+            conn,
+            ws,
+            queue,
+            reading: Reading::Frames,
+            started_reported: false,
+            peer_close: None,
+            unflushed: 0,
+            dirty: false,
+            close_queued: false,
+            write_done: false,
+            write_first: false,
+            discard: Vec::new(),
+        }
+    }
+
+    /// Waits for the next thing the shard must hear about.
+    pub async fn next_event(&mut self) -> Event {
+        poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let controls = self.queue.poll_controls(cx);
+        if controls.aborted {
+            return Poll::Ready(Event::End(Ended::Local));
+        }
+        self.write_first = !self.write_first;
+        if self.write_first {
+            if let Poll::Ready(e) = self.poll_write(cx) {
+                return Poll::Ready(e);
+            }
+        }
+        if !controls.paused || self.reading == Reading::Discarding {
+            if let Poll::Ready(e) = self.poll_read(cx) {
+                return Poll::Ready(e);
+            }
+        }
+        if !self.write_first {
+            if let Poll::Ready(e) = self.poll_write(cx) {
+                return Poll::Ready(e);
+            }
+        }
+        Poll::Pending
+    }
+
+    // ---- reading ------------------------------------------------------------------------
+
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.reading == Reading::Discarding {
+            return self.poll_discard(cx);
+        }
+        loop {
+            let item = match Pin::new(&mut self.ws).poll_next(cx) {
+                Poll::Pending => {
+                    let in_message = self.ws.get_ref().scanner().in_message();
+                    if in_message && !self.started_reported {
+                        self.started_reported = true;
+                        return Poll::Ready(self.input(|conn| Input::MessageStarted { conn }));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(None) => return Poll::Ready(Event::End(self.ended_cleanly())),
+                Poll::Ready(Some(item)) => item,
+            };
+            let data = match item {
+                Ok(Message::Text(text)) => Bytes::from(text),
+                Ok(Message::Binary(data)) => data,
+                Ok(Message::Ping(_)) => {
+                    return Poll::Ready(self.input(|conn| Input::Ping { conn }));
+                }
+                Ok(Message::Pong(_)) => {
+                    return Poll::Ready(self.input(|conn| Input::Pong { conn }));
+                }
+                Ok(Message::Close(frame)) => {
+                    // The codec replies (echoing an allowed code, else 1002); keep polling so the
+                    // reply is flushed and the stream ends.
+                    let raw = self.ws.get_ref().scanner().close();
+                    let code = raw.unwrap_or_else(|| frame.map(|f| u16::from(f.code)));
+                    self.peer_close.get_or_insert(code);
+                    continue;
+                }
+                Ok(Message::Frame(_)) => continue,
+                Err(e) => return Poll::Ready(self.read_error(e)),
+            };
+            self.started_reported = false;
+            return Poll::Ready(self.input(|conn| Input::Message { conn, data }));
+        }
+    }
+
+    fn read_error(&mut self, e: WsError) -> Event {
+        let violation = match e {
+            WsError::Capacity(_) => Violation::TooBig,
+            WsError::Utf8(_) => Violation::InvalidUtf8,
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::Io(_) => {
+                return Event::End(self.ended_abruptly());
+            }
+            WsError::Protocol(_) => Violation::Protocol,
+            WsError::ConnectionClosed | WsError::AlreadyClosed => {
+                return Event::End(self.ended_cleanly());
+            }
+            WsError::Tls(_)
+            | WsError::WriteBufferFull(_)
+            | WsError::AttackAttempt
+            | WsError::Url(_)
+            | WsError::Http(_)
+            | WsError::HttpFormat(_) => return Event::End(self.ended_abruptly()),
+        };
+        self.reading = Reading::Discarding;
+        self.input(|conn| Input::Violation { conn, violation })
+    }
+
+    /// After a violation: reads and throws away raw bytes until EOF, or until the peer's close
+    /// frame has arrived and the relay's own close frame is out.
+    fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.discard.is_empty() {
+            self.discard = vec![0; DISCARD_CHUNK];
+        }
+        loop {
+            if self.ws.get_ref().scanner().close().is_some() && self.write_done {
+                return Poll::Ready(Event::End(Ended::Local));
+            }
+            let socket = Pin::new(self.ws.get_mut());
+            match ready!(socket.poll_read(cx, &mut self.discard)) {
+                Ok(0) => return Poll::Ready(Event::End(Ended::Local)),
+                Ok(_) => {}
+                Err(_) => return Poll::Ready(Event::End(Ended::Local)),
+            }
+        }
+    }
+
+    fn ended_cleanly(&self) -> Ended {
+        match self.peer_close {
+            Some(code) => Ended::PeerClose(code),
+            None => Ended::Local,
+        }
+    }
+
+    fn ended_abruptly(&self) -> Ended {
+        match self.peer_close {
+            Some(code) => Ended::PeerClose(code),
+            None => Ended::Dropped,
+        }
+    }
+
+    fn input(&self, f: impl FnOnce(ConnKey) -> Input) -> Event {
+        Event::Input(f(self.conn))
+    }
+
+    // ---- writing ------------------------------------------------------------------------
+
+    /// Hands queued commands to the codec, then flushes once for the batch.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.write_done {
+            // Commands after the end of writing (the peer closed first) have nowhere to go.
+            while self.queue.pop().is_some() {}
+            return Poll::Pending;
+        }
+        loop {
+            let mut fed = 0;
+            while fed < MAX_BATCH && !self.close_queued && self.queue.has_cmd() {
+                match Pin::new(&mut self.ws).poll_ready(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return self.write_error(e),
+                }
+                let Some(cmd) = self.queue.pop() else { break };
+                let (message, is_send) = match cmd {
+                    Cmd::Send(data) => (text(data), true),
+                    Cmd::Ping => (Message::Ping(Bytes::new()), false),
+                    Cmd::Close { code, reason } => {
+                        self.close_queued = true;
+                        let frame = CloseFrame {
+                            code: WsCloseCode::from(code.get()),
+                            reason: Utf8Bytes::from_static(reason),
+                        };
+                        (Message::Close(Some(frame)), false)
+                    }
+                };
+                fed += 1;
+                self.dirty = true;
+                if let Err(e) = Pin::new(&mut self.ws).start_send(message) {
+                    return self.write_error(e);
+                }
+                if is_send {
+                    self.unflushed += 1;
+                }
+            }
+            if !self.dirty {
+                return Poll::Pending;
+            }
+            match Pin::new(&mut self.ws).poll_flush(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return self.write_error(e),
+                Poll::Ready(Ok(())) => {}
+            }
+            self.dirty = false;
+            if self.close_queued {
+                self.write_done = true;
+            }
+            let written = std::mem::take(&mut self.unflushed);
+            if written > 0 {
+                return Poll::Ready(Event::Written(written));
+            }
+            if self.write_done {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn write_error(&mut self, e: WsError) -> Poll<Event> {
+        match e {
+            // The close handshake is under way or over: writing is finished, reading decides
+            // the end.
+            WsError::ConnectionClosed
+            | WsError::AlreadyClosed
+            | WsError::Protocol(ProtocolError::SendAfterClosing) => {
+                self.write_done = true;
+                self.dirty = false;
+                self.unflushed = 0;
+                Poll::Pending
+            }
+            WsError::Io(ref err) if err.kind() == io::ErrorKind::WouldBlock => Poll::Pending,
+            _ => Poll::Ready(Event::End(self.ended_abruptly())),
+        }
+    }
+}
+
+/// The core only sends JSON that it read as UTF-8, so the check cannot fail; it is what makes
+/// the bytes a TEXT payload without copying.
+fn text(data: Bytes) -> Message {
+    match Utf8Bytes::try_from(data) {
+        Ok(text) => Message::Text(text),
+        Err(_) => {
+            debug_assert!(false, "the core sent a non-UTF-8 message");
+            Message::Text(Utf8Bytes::from_static(""))
+        }
+    }
+}

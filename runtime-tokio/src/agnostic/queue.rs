@@ -1,0 +1,183 @@
+//! The hand-off from a shard to one connection: the commands the core addressed to it.
+//!
+//! The shard never waits on a connection: it pushes into this queue under a short lock and wakes
+//! the connection's task. The queue is bounded by the core's outbox budgets (PROTOCOL.md §10),
+//! which charge every queued message until the connection reports it written. Reading controls
+//! (pause, abort) bypass the write order: they act on the socket, not on the stream of frames.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::task::{Context, Waker};
+
+use bytes::Bytes;
+use switchyard_core::CloseCode;
+
+/// A frame for the connection's writer, in the order the core emitted them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cmd {
+    /// A TEXT message; report `Written` once the socket accepted it.
+    Send(Bytes),
+    /// A ping with an empty payload.
+    Ping,
+    /// The close frame; nothing is queued after it.
+    Close {
+        code: CloseCode,
+        reason: &'static str,
+    },
+}
+
+#[derive(Debug, Default)]
+struct State {
+    cmds: VecDeque<Cmd>,
+    paused: bool,
+    aborted: bool,
+    waker: Option<Waker>,
+}
+
+/// One connection's command queue, shared by its shard (producer) and its task (consumer).
+#[derive(Debug, Default)]
+pub struct ConnQueue {
+    state: Mutex<State>,
+}
+
+/// The controls the connection's task acts on at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Controls {
+    pub paused: bool,
+    pub aborted: bool,
+}
+
+impl ConnQueue {
+    pub fn new() -> ConnQueue {
+        ConnQueue::default()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut State)) {
+        let waker = {
+            let mut s = self.state.lock().expect("queue lock");
+            f(&mut s);
+            s.waker.take()
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
+    /// Queues a TEXT message.
+    pub fn send(&self, data: Bytes) {
+        self.update(|s| s.cmds.push_back(Cmd::Send(data)));
+    }
+
+    /// Queues a ping.
+    pub fn ping(&self) {
+        self.update(|s| s.cmds.push_back(Cmd::Ping));
+    }
+
+    /// Queues the close frame, first throwing away every message not yet started when
+    /// `discard_queued`.
+    pub fn close(&self, code: CloseCode, reason: &'static str, discard_queued: bool) {
+        self.update(|s| {
+            if discard_queued {
+                s.cmds.clear();
+            }
+            s.cmds.push_back(Cmd::Close { code, reason });
+        });
+    }
+
+    /// Asks the task to drop TCP now.
+    pub fn abort(&self) {
+        self.update(|s| s.aborted = true);
+    }
+
+    /// Stops or resumes reading.
+    pub fn pause_reading(&self, paused: bool) {
+        self.update(|s| s.paused = paused);
+    }
+
+    /// The current controls; registers the task to be woken by the next change.
+    pub fn poll_controls(&self, cx: &mut Context<'_>) -> Controls {
+        let mut s = self.state.lock().expect("queue lock");
+        match &mut s.waker {
+            Some(w) => w.clone_from(cx.waker()),
+            None => s.waker = Some(cx.waker().clone()),
+        }
+        Controls {
+            paused: s.paused,
+            aborted: s.aborted,
+        }
+    }
+
+    /// Whether a command is waiting.
+    pub fn has_cmd(&self) -> bool {
+        !self.state.lock().expect("queue lock").cmds.is_empty()
+    }
+
+    /// Takes the oldest command.
+    pub fn pop(&self) -> Option<Cmd> {
+        self.state.lock().expect("queue lock").cmds.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn discarding_close_drops_what_is_not_started() {
+        let q = ConnQueue::new();
+        q.send(Bytes::from_static(b"1"));
+        assert_eq!(q.pop(), Some(Cmd::Send(Bytes::from_static(b"1"))));
+        q.send(Bytes::from_static(b"2"));
+        q.ping();
+        q.close(CloseCode::INTERNAL, "x", true);
+        assert_eq!(
+            q.pop(),
+            Some(Cmd::Close {
+                code: CloseCode::INTERNAL,
+                reason: "x"
+            })
+        );
+        assert_eq!(q.pop(), None);
+    }
+
+    #[test]
+    fn close_behind_queued_messages() {
+        let q = ConnQueue::new();
+        q.send(Bytes::from_static(b"1"));
+        q.close(CloseCode::NORMAL, "", false);
+        assert!(matches!(q.pop(), Some(Cmd::Send(_))));
+        assert!(matches!(q.pop(), Some(Cmd::Close { .. })));
+    }
+
+    #[test]
+    fn changes_wake_the_task() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Wake;
+
+        struct Count(AtomicUsize);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
+        let q = ConnQueue::new();
+        let c = q.poll_controls(&mut Context::from_waker(&waker));
+        assert_eq!(
+            c,
+            Controls {
+                paused: false,
+                aborted: false
+            }
+        );
+        q.pause_reading(true);
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        // Not registered again: no second wake.
+        q.abort();
+        assert_eq!(count.0.load(Ordering::SeqCst), 1);
+        let c = q.poll_controls(&mut Context::from_waker(&waker));
+        assert!(c.paused && c.aborted);
+    }
+}

@@ -1,0 +1,182 @@
+//! One actor task per shard: it owns the shard's [`Relay`], its single timer and its routing
+//! table, and is the only place the shard's state is touched.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use switchyard_core::{Config, ConnKey, Counters, Input, Open, Output, Relay};
+use tokio::sync::mpsc;
+
+use crate::agnostic::queue::ConnQueue;
+use crate::clock;
+
+/// Inputs handled before the shard publishes its figures and re-arms its timer.
+const BATCH: usize = 64;
+
+/// What connections and the node send a shard.
+#[derive(Debug)]
+pub(crate) enum ShardMsg {
+    /// A connection was upgraded: route the core's commands for `conn` to `queue`.
+    Open {
+        conn: ConnKey,
+        open: Open,
+        queue: Arc<ConnQueue>,
+    },
+    /// Any other input; the routing entry goes with [`Input::Closed`].
+    Input(Input),
+}
+
+/// What a shard publishes after every step, for `/healthz` and `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Published {
+    pub(crate) binaries: AtomicU64,
+    pub(crate) phones: AtomicU64,
+    pub(crate) counters: Mutex<Counters>,
+}
+
+struct Shard {
+    relay: Relay,
+    conns: HashMap<ConnKey, Arc<ConnQueue>>,
+}
+
+impl Shard {
+    fn handle(&mut self, msg: ShardMsg) {
+        let now = clock::now();
+        match msg {
+            ShardMsg::Open { conn, open, queue } => {
+                self.conns.insert(conn, queue);
+                self.relay.handle_input(now, Input::Open { conn, open });
+                self.drain();
+            }
+            ShardMsg::Input(input) => {
+                let closed = match input {
+                    Input::Closed { conn, .. } => Some(conn),
+                    _ => None,
+                };
+                self.relay.handle_input(now, input);
+                self.drain();
+                if let Some(conn) = closed {
+                    self.conns.remove(&conn);
+                }
+            }
+        }
+    }
+
+    fn timeout(&mut self, now: Instant) {
+        self.relay.handle_timeout(now);
+        self.drain();
+    }
+
+    /// Carries out every command the last step produced.
+    fn drain(&mut self) {
+        while let Some(out) = self.relay.poll_output() {
+            let queue = |conn: &ConnKey| self.conns.get(conn);
+            match out {
+                Output::Send { conn, data } => {
+                    if let Some(q) = queue(&conn) {
+                        q.send(data);
+                    }
+                }
+                Output::Ping { conn } => {
+                    if let Some(q) = queue(&conn) {
+                        q.ping();
+                    }
+                }
+                Output::Close {
+                    conn,
+                    code,
+                    reason,
+                    discard_queued,
+                } => {
+                    if let Some(q) = queue(&conn) {
+                        q.close(code, reason, discard_queued);
+                    }
+                }
+                Output::Abort { conn } => {
+                    if let Some(q) = queue(&conn) {
+                        q.abort();
+                    }
+                }
+                Output::PauseReading { conn, paused } => {
+                    if let Some(q) = queue(&conn) {
+                        q.pause_reading(paused);
+                    }
+                }
+                Output::PushWake { server_id, token } => {
+                    // push wake: see issue 8. Until the FCM client exists a wake is ignored.
+                    drop(token);
+                    tracing::debug!(server_id = %server_id, reason = "push_off", "push_wake_dropped");
+                }
+            }
+        }
+    }
+
+    fn publish(&self, published: &Published) {
+        let counters = self.relay.counters();
+        published
+            .binaries
+            .store(counters.connected_binaries, Ordering::Relaxed);
+        published
+            .phones
+            .store(counters.connected_phones, Ordering::Relaxed);
+        published
+            .counters
+            .lock()
+            .expect("counters lock")
+            .clone_from(counters);
+    }
+}
+
+/// Runs one shard until it has drained after [`Input::Shutdown`] (or every sender is gone).
+pub(crate) async fn run(
+    config: Config,
+    seed: [u8; 32],
+    mut rx: mpsc::Receiver<ShardMsg>,
+    published: Arc<Published>,
+) {
+    let mut shard = Shard {
+        relay: Relay::new(config, seed, clock::now()),
+        conns: HashMap::new(),
+    };
+    let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
+    tokio::pin!(sleep);
+    let mut armed: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            msg = rx.recv() => {
+                let Some(msg) = msg else { break };
+                shard.handle(msg);
+                for _ in 1..BATCH {
+                    match rx.try_recv() {
+                        Ok(msg) => shard.handle(msg),
+                        Err(_) => break,
+                    }
+                }
+            }
+            () = &mut sleep, if armed.is_some() => {
+                armed = None;
+                shard.timeout(clock::now());
+            }
+        }
+        // A busy channel must not starve the timer.
+        let now = clock::now();
+        if shard.relay.poll_timeout().is_some_and(|at| at <= now) {
+            shard.timeout(now);
+        }
+        shard.publish(&published);
+        match shard.relay.poll_timeout() {
+            Some(at) if armed != Some(at) => {
+                sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+                armed = Some(at);
+            }
+            Some(_) => {}
+            None => armed = None,
+        }
+        if shard.relay.is_drained() {
+            break;
+        }
+    }
+    shard.publish(&published);
+}

@@ -1,0 +1,3 @@
+//! Every scenario against `switchyard-tokio`.
+
+switchyard_tests::suite!(switchyard_tests::runtimes::Tokio);
