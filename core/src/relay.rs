@@ -749,6 +749,8 @@ impl Relay {
             return;
         }
         let was_ending = std::mem::replace(&mut c.ending, true);
+        // The socket is gone: a later resume must not address it or restart its heartbeat.
+        c.paused = false;
         self.timers.cancel(&mut c.ping);
         self.timers.cancel(&mut c.pong);
         self.timers.cancel(&mut c.read);
@@ -814,17 +816,20 @@ impl Relay {
     /// The holder of `sid` is gone (§6 "B gone"): its queue is dropped, its phones resume
     /// reading, and the id moves to GRACE, or to the first claimant under a probe.
     fn binary_gone(&mut self, binary: ConnKey, sid: &ServerId) {
-        let c = self.conns.get_mut(&binary).expect("holder is tracked");
-        let (items, released) = c.outbox.clear();
-        self.timers.cancel(&mut c.write);
-        self.counters.binary_outbox_bytes -= released as u64;
-        let lost = items
-            .iter()
-            .filter(|i| matches!(i, Item::Frame { .. }))
-            .count() as u64;
-        if lost > 0 {
-            self.counters.frames_dropped[DropReason::BinaryGone as usize] += lost;
-            self.log_drop(DropReason::BinaryGone);
+        // At shutdown the queue is flushed before the 1001 close instead (decision C11).
+        if !self.shutting_down {
+            let c = self.conns.get_mut(&binary).expect("holder is tracked");
+            let (items, released) = c.outbox.clear();
+            self.timers.cancel(&mut c.write);
+            self.counters.binary_outbox_bytes -= released as u64;
+            let lost = items
+                .iter()
+                .filter(|i| matches!(i, Item::Frame { .. }))
+                .count() as u64;
+            if lost > 0 {
+                self.counters.frames_dropped[DropReason::BinaryGone as usize] += lost;
+                self.log_drop(DropReason::BinaryGone);
+            }
         }
         self.resume_phones_if_paused(sid, binary);
         let entry = self.ids.get_mut(sid).expect("holder's id has an entry");
