@@ -15,6 +15,7 @@ use crate::counters::{Counters, Direction, DropReason, Endpoint, UpgradeOutcome}
 use crate::envelope::{self, BinaryMessage};
 use crate::id::{ConnId, ConnKey, ServerId, Side};
 use crate::io::{Input, Open, Output, Role};
+use crate::loggable::{BINARY_VERSION_MAX, DEVICE_NAME_MAX, loggable};
 use crate::outbox::{ITEM_OVERHEAD, Item, Outbox};
 use crate::registry::{Entry, State};
 use crate::timer::{Timer, TimerKey, TimerTable};
@@ -278,7 +279,7 @@ impl Relay {
         let entry = self.ids.entry(sid.clone()).or_insert_with(Entry::new);
         match &mut entry.state {
             State::Free => {
-                tracing::info!(server_id = %sid, conn_id = %self.conns[&conn].id, binary_version = %version, "server_claimed");
+                tracing::info!(server_id = %sid, conn_id = %self.conns[&conn].id, binary_version = %loggable(version, BINARY_VERSION_MAX), "server_claimed");
                 self.hold(conn, &sid);
             }
             State::Live { holder } => {
@@ -303,7 +304,7 @@ impl Relay {
                 let mut timer = timer.take();
                 self.timers.cancel(&mut timer);
                 entry.state = State::Free;
-                tracing::info!(server_id = %sid, conn_id = %self.conns[&conn].id, binary_version = %version, "server_claimed");
+                tracing::info!(server_id = %sid, conn_id = %self.conns[&conn].id, binary_version = %loggable(version, BINARY_VERSION_MAX), "server_claimed");
                 self.evict_phones(&sid);
                 self.hold(conn, &sid);
             }
@@ -362,7 +363,7 @@ impl Relay {
         tracing::info!(
             server_id = %sid,
             conn_id = %c.id,
-            device_name = device_name.as_deref().unwrap_or(""),
+            device_name = %loggable(device_name.as_deref().unwrap_or(""), DEVICE_NAME_MAX),
             "phone_registered"
         );
         self.counters.connected_phones += 1;

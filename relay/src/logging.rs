@@ -90,25 +90,15 @@ pub const EVENTS: &[&str] = &[
 /// Written as `msg` for an event whose message is not a snake_case name.
 pub const UNNAMED_EVENT: &str = "unnamed_event";
 
-/// Bytes of `device_name` kept in a log line (§15).
-pub const DEVICE_NAME_MAX: usize = 32;
-/// Bytes of `binary_version` kept in a log line (§15).
-pub const BINARY_VERSION_MAX: usize = 64;
+pub use switchyard_core::{BINARY_VERSION_MAX, DEVICE_NAME_MAX, loggable as sanitize};
 
-/// Keeps the first `max` bytes of `bytes` and replaces every byte outside `0x20`–`0x7E` with `?`
-/// (§15: `device_name` at 32, `binary_version` at 64).
-pub fn sanitize(bytes: &str, max: usize) -> String {
-    bytes
-        .bytes()
-        .take(max)
-        .map(|b| {
-            if (0x20..=0x7e).contains(&b) {
-                b as char
-            } else {
-                '?'
-            }
-        })
-        .collect()
+/// Client-supplied fields are sanitised here too, whoever emitted them (§15).
+fn sanitized(key: &str, value: String) -> String {
+    match key {
+        "device_name" => sanitize(&value, DEVICE_NAME_MAX),
+        "binary_version" => sanitize(&value, BINARY_VERSION_MAX),
+        _ => value,
+    }
 }
 
 /// The event formatter of both formats.
@@ -316,7 +306,8 @@ impl Visit for Fields {
         if Fields::is_msg(field) {
             self.msg.get_or_insert_with(|| value.to_owned());
         } else if let Some(key) = Fields::key(field) {
-            self.pairs.push((key, Value::Str(value.to_owned())));
+            self.pairs
+                .push((key, Value::Str(sanitized(key, value.to_owned()))));
         }
     }
 
@@ -324,7 +315,8 @@ impl Visit for Fields {
         if Fields::is_msg(field) {
             self.msg.get_or_insert_with(|| format!("{value:?}"));
         } else if let Some(key) = Fields::key(field) {
-            self.pairs.push((key, Value::Str(format!("{value:?}"))));
+            self.pairs
+                .push((key, Value::Str(sanitized(key, format!("{value:?}")))));
         }
     }
 
