@@ -73,7 +73,8 @@ pub enum Output {
         reason: &'static str,
         discard_queued: bool,
     },
-    /// Close TCP now without further writes (close handshake or write timed out).
+    /// Close TCP now without further writes (close handshake or write timed out), then report
+    /// [`Input::Closed`] with [`Ended::Local`].
     Abort { conn: ConnKey },
     /// Stop (`true`) or resume (`false`) reading from `conn` (binary backpressure, §10.2).
     PauseReading { conn: ConnKey, paused: bool },

@@ -59,6 +59,11 @@
 //! assert!(text.ends_with(r#"","frame":{"t":"hi"}}"#));
 //! ```
 //!
+//! A complete relay around these machines, driven by a hand-written `mio` event loop with no
+//! async runtime, is in the repository's `examples/` crate (`switchyard-example-loop`, about 600
+//! lines): the model for embedding the core in a loop of your own. The production runtimes are
+//! `runtime-tokio/` and `runtime-smol/`.
+//!
 //! Time is a parameter: every mutating call takes `now`, which must never go backwards.
 //! Randomness is a seed: conn ids come from a ChaCha generator seeded by [`Relay::new`] (from the
 //! OS in production, from a test's seed in simulation), so a run replays exactly.
@@ -87,7 +92,7 @@ pub use counters::{
     RegisterFailure, RejectReason, UpgradeOutcome,
 };
 pub use envelope::{BinaryMessage, EnvelopeError, wrap_phone_frame};
-pub use gate::{Gate, Load, Response, Slot, Verdict};
+pub use gate::{Gate, Load, RESPONSE_LINGER, Response, Slot, Verdict};
 pub use id::{ConnId, ConnKey, ServerId, ServerIdError, Side};
 pub use io::{Input, Open, Output, Role};
 pub use loggable::{BINARY_VERSION_MAX, DEVICE_NAME_MAX, loggable};

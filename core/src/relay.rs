@@ -13,6 +13,7 @@ use crate::close::{CloseCode, Ended, NOTICE_NO_CODE, Violation};
 use crate::config::Config;
 use crate::counters::{Counters, Direction, DropReason, Endpoint, UpgradeOutcome};
 use crate::envelope::{self, BinaryMessage};
+use crate::gate::Load;
 use crate::id::{ConnId, ConnKey, ServerId, Side};
 use crate::io::{Input, Open, Output, Role};
 use crate::loggable::{BINARY_VERSION_MAX, DEVICE_NAME_MAX, loggable};
@@ -180,6 +181,14 @@ impl Relay {
     #[must_use]
     pub fn next_timer(&self) -> Option<(Instant, &Timer)> {
         self.timers.next()
+    }
+
+    /// This shard's share of what `/healthz` reports; sum it over the shards.
+    pub fn load(&self) -> Load {
+        Load {
+            binaries: self.counters.connected_binaries,
+            phones: self.counters.connected_phones,
+        }
     }
 
     /// This shard's counters and gauges.

@@ -32,6 +32,17 @@ pub struct Load {
     pub phones: u64,
 }
 
+impl std::ops::AddAssign for Load {
+    fn add_assign(&mut self, other: Load) {
+        self.binaries += other.binaries;
+        self.phones += other.phones;
+    }
+}
+
+/// How long a runtime keeps reading (and discarding) input after writing a non-101 response and
+/// shutting down its sending side, so the peer is not reset before it reads the answer (§2.1).
+pub const RESPONSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A complete HTTP/1.1 response, rendered byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
@@ -124,6 +135,11 @@ impl Gate {
     /// The cells this gate decides: `connections_rejected_total`, and the `reject_headers` and
     /// `reject_rate_limit` cells of `ws_upgrade_attempts_total` with their paired register
     /// failures.
+    /// The limits the gate applies; a runtime reads `header_timeout` and `max_head_size` here.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn counters(&self) -> &Counters {
         &self.counters
     }
