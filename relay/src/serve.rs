@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
+use switchyard_runtime::{Executor, Handle, Options};
 
 use crate::cli::{ListenAddr, Runtime, Settings, Tls};
 use crate::metrics::{MetricsOptions, render};
@@ -39,7 +40,7 @@ pub fn run(settings: Settings) -> ExitCode {
     };
     // Signals are caught from here on: one arriving while the node starts is not lost, and once
     // shutdown has begun further signals are ignored rather than killing the process.
-    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+    let signals = match Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(s) => s,
         Err(_) => {
             tracing::error!(err = "cannot install signal handlers", "refusing_to_start");
@@ -47,7 +48,7 @@ pub fn run(settings: Settings) -> ExitCode {
         }
     };
     let metrics = MetricsOptions::from_settings(&settings);
-    let options = switchyard_tokio::Options {
+    let options = Options {
         listen,
         metrics_listen: settings.metrics_listen,
         workers: settings.workers.get(),
@@ -55,17 +56,25 @@ pub fn run(settings: Settings) -> ExitCode {
         seed: None,
         render_metrics: Arc::new(move |c| render(c, &metrics)),
     };
-    let handle = match switchyard_tokio::start(options) {
-        Ok(h) => h,
+    let started = match settings.runtime {
+        Runtime::Tokio => switchyard_tokio::start(options).map(|h| serve(&settings, h, signals)),
+        Runtime::Smol => switchyard_smol::start(options).map(|h| serve(&settings, h, signals)),
+    };
+    match started {
+        Ok(code) => code,
         Err(e) => {
             tracing::error!(
                 listen = %listen,
                 err = bind_error(&e),
                 "refusing_to_start"
             );
-            return ExitCode::from(EXIT_LISTENER);
+            ExitCode::from(EXIT_LISTENER)
         }
-    };
+    }
+}
+
+/// Serves on a started node until SIGTERM or SIGINT, then drains.
+fn serve<E: Executor>(settings: &Settings, handle: Handle<E>, mut signals: Signals) -> ExitCode {
     let metrics_addr = handle
         .metrics_addr()
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
@@ -99,9 +108,6 @@ pub fn run(settings: Settings) -> ExitCode {
 
 /// What the settings ask for that this build cannot do yet.
 fn not_yet_supported(settings: &Settings) -> Option<&'static str> {
-    if settings.runtime == Runtime::Smol {
-        return Some("the smol runtime is not linked yet");
-    }
     if !matches!(settings.tls, Tls::Off) {
         return Some("TLS is not implemented yet");
     }

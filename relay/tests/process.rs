@@ -104,16 +104,18 @@ fn item_4_no_arguments_serve_the_defaults() {
     );
 }
 
-#[test]
-fn item_72_sigterm_exits_0_and_stops_listening() {
+/// Serves on ephemeral ports with `runtime_args`, survives SIGHUP, exits 0 on SIGTERM and stops
+/// listening.
+fn sigterm_exits_0_and_stops_listening(runtime_args: &[&str]) {
     let (main, metrics) = ports();
-    let mut child = spawn(&[
-        "--listen",
-        &main.to_string(),
-        "--metrics-listen",
-        &metrics.to_string(),
-    ]);
+    let (main_arg, metrics_arg) = (main.to_string(), metrics.to_string());
+    let mut args = vec!["--listen", &main_arg, "--metrics-listen", &metrics_arg];
+    args.extend_from_slice(runtime_args);
+    let mut child = spawn(&args);
     assert_eq!(wait_for(main, "/healthz").0, 200);
+    let (status, body) = wait_for(metrics, "/metrics");
+    assert_eq!(status, 200);
+    assert!(body.ends_with("# EOF\n"));
     // SIGHUP (rebalance) does not stop the process.
     signal(&child, "HUP");
     assert_eq!(wait_for(main, "/healthz").0, 200);
@@ -125,6 +127,16 @@ fn item_72_sigterm_exits_0_and_stops_listening() {
     );
     assert!(t.elapsed() < Duration::from_secs(11));
     assert!(TcpStream::connect(main).is_err(), "still listening");
+}
+
+#[test]
+fn item_72_sigterm_exits_0_and_stops_listening() {
+    sigterm_exits_0_and_stops_listening(&[]);
+}
+
+#[test]
+fn item_72_smol_runtime_sigterm_exits_0() {
+    sigterm_exits_0_and_stops_listening(&["--runtime", "smol"]);
 }
 
 #[test]

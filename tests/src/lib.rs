@@ -104,52 +104,67 @@ pub fn test_config() -> Config {
     }
 }
 
-/// The runtimes this crate knows.
+/// The runtimes this crate knows: one driver, generic over the executor, filled in twice.
 pub mod runtimes {
     use super::*;
+    use switchyard_runtime::{Executor, Handle, Options};
 
     /// `switchyard-tokio`.
     pub struct Tokio;
 
-    struct TokioControl(switchyard_tokio::Handle);
-
-    impl Control for TokioControl {
-        fn counters(&self) -> Counters {
-            self.0.counters()
-        }
-        fn rebalance(&self) {
-            self.0.rebalance();
-        }
-        fn start_draining(&self) {
-            self.0.start_draining();
-        }
-        fn shutdown(&self) {
-            self.0.shutdown();
-        }
-        fn wait(self: Box<Self>) {
-            self.0.wait();
-        }
-    }
+    /// `switchyard-smol`.
+    pub struct Smol;
 
     impl RelayUnderTest for Tokio {
         fn start(config: Config) -> Running {
-            let opts = switchyard::MetricsOptions {
-                push_enabled: config.push_enabled,
-                node_id: None,
-            };
-            let handle = switchyard_tokio::start(switchyard_tokio::Options {
-                listen: "127.0.0.1:0".parse().expect("address"),
-                metrics_listen: Some("127.0.0.1:0".parse().expect("address")),
-                workers: 2,
-                config,
-                seed: Some([42; 32]),
-                render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
-            })
-            .expect("start the tokio runtime");
-            let addr = handle.local_addr();
-            let metrics = handle.metrics_addr().expect("metrics listener");
-            Running::new(addr, metrics, Box::new(TokioControl(handle)))
+            start(config, switchyard_tokio::start)
         }
+    }
+
+    impl RelayUnderTest for Smol {
+        fn start(config: Config) -> Running {
+            start(config, switchyard_smol::start)
+        }
+    }
+
+    impl<E: Executor> Control for Handle<E> {
+        fn counters(&self) -> Counters {
+            Handle::counters(self)
+        }
+        fn rebalance(&self) {
+            Handle::rebalance(self);
+        }
+        fn start_draining(&self) {
+            Handle::start_draining(self);
+        }
+        fn shutdown(&self) {
+            Handle::shutdown(self);
+        }
+        fn wait(self: Box<Self>) {
+            Handle::wait(*self);
+        }
+    }
+
+    fn start<E: Executor>(
+        config: Config,
+        start: fn(Options) -> std::io::Result<Handle<E>>,
+    ) -> Running {
+        let opts = switchyard::MetricsOptions {
+            push_enabled: config.push_enabled,
+            node_id: None,
+        };
+        let handle = start(Options {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            metrics_listen: Some("127.0.0.1:0".parse().expect("address")),
+            workers: 2,
+            config,
+            seed: Some([42; 32]),
+            render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
+        })
+        .expect("start the runtime");
+        let addr = handle.local_addr();
+        let metrics = handle.metrics_addr().expect("metrics listener");
+        Running::new(addr, metrics, Box::new(handle))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Drives one upgraded connection: frames in, the shard's commands out, over async-tungstenite.
 //!
-//! [`ConnDriver::next_event`] is runtime-neutral (futures-io streams, no timers, no channels): the
-//! runtime's connection task loops on it and forwards what it reports to the shard.
+//! [`ConnDriver::next_event`] needs no timers and no channels, only futures-io streams: the
+//! connection task loops on it and forwards what it reports to the shard.
 
 use std::future::poll_fn;
 use std::io;
@@ -19,8 +19,8 @@ use tungstenite::protocol::frame::{CloseFrame, coding::CloseCode as WsCloseCode}
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 
-use super::queue::{Cmd, ConnQueue};
-use super::scanner::Watched;
+use crate::queue::{Cmd, ConnQueue};
+use crate::scanner::Watched;
 
 /// Commands fed to the codec before a flush is forced, so `Written` keeps flowing under load.
 const MAX_BATCH: usize = 64;
@@ -206,12 +206,9 @@ where
             WsError::ConnectionClosed | WsError::AlreadyClosed => {
                 return Event::End(self.ended_cleanly());
             }
-            WsError::Tls(_)
-            | WsError::WriteBufferFull(_)
-            | WsError::AttackAttempt
-            | WsError::Url(_)
-            | WsError::Http(_)
-            | WsError::HttpFormat(_) => return Event::End(self.ended_abruptly()),
+            // `Tls`, `WriteBufferFull`, `AttackAttempt`, `Url`, and `Http`/`HttpFormat`, which
+            // exist only with tungstenite's `handshake` feature: none is a peer's framing fault.
+            _ => return Event::End(self.ended_abruptly()),
         };
         self.reading = Reading::Discarding;
         self.input(|conn| Input::Violation { conn, violation })

@@ -24,7 +24,7 @@ pub enum MetricsRoute {
     Drop,
 }
 
-/// Routes one head read by [`read_head`](super::head::read_head) on the metrics listener.
+/// Routes one head read by [`read_head`](crate::head::read_head) on the metrics listener.
 pub fn metrics_route(head: &[u8]) -> MetricsRoute {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);

@@ -1,7 +1,7 @@
 //! Reading an HTTP request head off a fresh connection, within the size limit of stage 5.
 //!
-//! The time limit (stage 0, `header_timeout`) is the caller's: it wraps [`read_head`] in its
-//! runtime's timeout.
+//! The time limit (stage 0, `header_timeout`) is the caller's: it races [`read_head`] against
+//! the executor's timer.
 
 use std::io;
 

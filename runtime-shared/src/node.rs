@@ -1,55 +1,54 @@
 //! The node: listeners, admission through the gate, connection tasks, and the [`Handle`].
 
+use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use async_channel::{Receiver, Sender};
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tokio::TokioAdapter;
-use futures_util::io::{AsyncReadExt, AsyncWriteExt};
+use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use switchyard_core::{
     Config, ConnKey, Counters, Ended, Gate, Input, Load, Response, Slot, Verdict,
 };
-use tokio::net::{TcpListener, TcpStream};
-use tokio::runtime::Runtime;
-use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 
-use crate::agnostic::driver::{self, ConnDriver, Event};
-use crate::agnostic::head::{Head, read_head};
-use crate::agnostic::http::{self, MetricsRoute};
-use crate::agnostic::queue::ConnQueue;
-use crate::agnostic::scanner::Watched;
+use crate::driver::{self, ConnDriver, Event};
+use crate::future::{race, sleep, timeout, yield_now};
+use crate::head::{Head, read_head};
+use crate::http::{self, MetricsRoute};
+use crate::queue::ConnQueue;
+use crate::scanner::Watched;
 use crate::shard::{self, Published, ShardMsg};
-use crate::{Options, RESPONSE_LINGER, RenderMetrics, clock, shard_seed};
+use crate::{Executor, Options, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed};
 
 /// Inputs a shard's channel holds before connections wait (backpressure on reading).
 const SHARD_CHANNEL: usize = 1024;
 /// Pause after a failed `accept` (out of file descriptors, …) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// Events a connection task handles before letting others on its worker run.
+const FAIR_SHARE: u32 = 64;
 /// How long [`Handle::wait`] waits beyond the drain deadline before giving up on a shard.
 const DRAIN_MARGIN: Duration = Duration::from_secs(2);
 
-type Socket = TokioAdapter<TcpStream>;
-
 struct ShardLink {
-    tx: mpsc::Sender<ShardMsg>,
+    tx: Sender<ShardMsg>,
     published: Arc<Published>,
 }
 
 /// State shared by every task of the node.
-struct Node {
+struct Node<E> {
+    exec: E,
     config: Config,
     gate: Mutex<Gate>,
     shards: Vec<ShardLink>,
     next_conn: AtomicU64,
-    /// `true` once shutdown began: listeners close, connections not yet upgraded are dropped.
-    stopping: watch::Sender<bool>,
+    stopping: Stopping,
     render_metrics: RenderMetrics,
 }
 
-impl Node {
+impl<E: Executor> Node<E> {
     fn load(&self) -> Load {
         let mut load = Load::default();
         for s in &self.shards {
@@ -77,21 +76,51 @@ impl Node {
         self.gate
             .lock()
             .expect("gate lock")
-            .handle_head(clock::now(), peer, head, load)
+            .handle_head(E::now(), peer, head, load)
+    }
+}
+
+/// Set once shutdown begins: listeners close, connections not yet upgraded are dropped. It is a
+/// channel nothing is ever sent on; closing it wakes every waiter.
+struct Stopping {
+    tx: Sender<()>,
+    rx: Receiver<()>,
+}
+
+impl Stopping {
+    fn new() -> Stopping {
+        let (tx, rx) = async_channel::bounded(1);
+        Stopping { tx, rx }
+    }
+
+    /// Returns `false` if shutdown had already begun.
+    fn begin(&self) -> bool {
+        self.tx.close()
+    }
+
+    fn is_set(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Resolves once shutdown has begun.
+    async fn wait(&self) {
+        let _ = self.rx.recv().await;
     }
 }
 
 /// A running node. Dropping it without [`wait`](Handle::wait) stops everything at once.
-pub struct Handle {
-    runtime: Option<Runtime>,
-    node: Arc<Node>,
+pub struct Handle<E: Executor> {
+    threads: Option<E::Threads>,
+    node: Arc<Node<E>>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    shard_tasks: Vec<JoinHandle<()>>,
-    listener_tasks: Vec<JoinHandle<()>>,
+    /// Closed once every shard task has ended (each holds a sender).
+    shards_done: Receiver<()>,
+    /// Closed once every listener task has ended.
+    listeners_done: Receiver<()>,
 }
 
-impl std::fmt::Debug for Handle {
+impl<E: Executor> std::fmt::Debug for Handle<E> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handle")
             .field("local_addr", &self.local_addr)
@@ -100,7 +129,9 @@ impl std::fmt::Debug for Handle {
     }
 }
 
-pub(crate) fn start(options: Options) -> std::io::Result<Handle> {
+/// Binds both listeners (a bind error is returned at once) and starts the node on `workers`
+/// threads of the executor `E`.
+pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
     let workers = options.workers.max(1);
     let main = std::net::TcpListener::bind(options.listen)?;
     let metrics = options
@@ -117,23 +148,18 @@ pub(crate) fn start(options: Options) -> std::io::Result<Handle> {
         Some(seed) => seed,
         None => {
             let mut seed = [0; 32];
-            getrandom::fill(&mut seed).map_err(std::io::Error::other)?;
+            getrandom::fill(&mut seed).map_err(io::Error::other)?;
             seed
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("switchyard-worker")
-        .enable_all()
-        .build()?;
-    let _enter = runtime.enter();
-    let main = TcpListener::from_std(main)?;
-    let metrics = metrics.map(TcpListener::from_std).transpose()?;
+    let (exec, threads) = E::launch(workers)?;
+    let main = exec.listener(main)?;
+    let metrics = metrics.map(|m| exec.listener(m)).transpose()?;
 
     let mut shards = Vec::with_capacity(workers);
     let mut receivers = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (tx, rx) = mpsc::channel(SHARD_CHANNEL);
+        let (tx, rx) = async_channel::bounded(SHARD_CHANNEL);
         shards.push(ShardLink {
             tx,
             published: Arc::default(),
@@ -141,41 +167,46 @@ pub(crate) fn start(options: Options) -> std::io::Result<Handle> {
         receivers.push(rx);
     }
     let node = Arc::new(Node {
-        gate: Mutex::new(Gate::new(options.config.clone(), clock::now())),
+        exec: exec.clone(),
+        gate: Mutex::new(Gate::new(options.config.clone(), E::now())),
         config: options.config,
         shards,
         next_conn: AtomicU64::new(1),
-        stopping: watch::Sender::new(false),
+        stopping: Stopping::new(),
         render_metrics: options.render_metrics,
     });
-    let shard_tasks = receivers
-        .into_iter()
-        .enumerate()
-        .map(|(i, rx)| {
-            runtime.spawn(shard::run(
-                node.config.clone(),
-                shard_seed(&node_seed, i),
-                rx,
-                node.shards[i].published.clone(),
-            ))
-        })
-        .collect();
-    let mut listener_tasks = vec![runtime.spawn(accept_loop(main, node.clone(), Listener::Main))];
-    if let Some(m) = metrics {
-        listener_tasks.push(runtime.spawn(accept_loop(m, node.clone(), Listener::Metrics)));
+    let (shard_alive, shards_done) = async_channel::bounded::<()>(1);
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let run = shard::run::<E>(
+            node.config.clone(),
+            shard_seed(&node_seed, i),
+            rx,
+            node.shards[i].published.clone(),
+        );
+        let alive = shard_alive.clone();
+        exec.spawn(async move {
+            run.await;
+            drop(alive);
+        });
     }
-    drop(_enter);
+    let (listener_alive, listeners_done) = async_channel::bounded::<()>(1);
+    let alive = listener_alive.clone();
+    exec.spawn(accept_loop(main, node.clone(), Listener::Main, alive));
+    if let Some(m) = metrics {
+        let alive = listener_alive.clone();
+        exec.spawn(accept_loop(m, node.clone(), Listener::Metrics, alive));
+    }
     Ok(Handle {
-        runtime: Some(runtime),
+        threads: Some(threads),
         node,
         local_addr,
         metrics_addr,
-        shard_tasks,
-        listener_tasks,
+        shards_done,
+        listeners_done,
     })
 }
 
-impl Handle {
+impl<E: Executor> Handle<E> {
     /// The main listener's bound address.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -204,62 +235,39 @@ impl Handle {
     /// Begins shutdown (§13): listeners close, connections not yet upgraded are dropped, every
     /// shard closes its connections. Later calls do nothing.
     pub fn shutdown(&self) {
-        if self.node.stopping.send_replace(true) {
-            return;
+        if self.node.stopping.begin() {
+            self.broadcast(|| Input::Shutdown);
         }
-        self.broadcast(|| Input::Shutdown);
     }
 
     fn broadcast(&self, input: impl Fn() -> Input) {
-        let Some(runtime) = &self.runtime else { return };
         for s in &self.node.shards {
             let tx = s.tx.clone();
             let msg = ShardMsg::Input(input());
-            runtime.spawn(async move {
+            self.node.exec.spawn(async move {
                 let _ = tx.send(msg).await;
             });
         }
     }
 
     /// Blocks until shutdown has begun and every shard has drained (the core's drain deadline
-    /// closes whatever is left), then stops the runtime.
+    /// closes whatever is left), then stops the workers.
     pub fn wait(mut self) {
-        let Some(runtime) = self.runtime.take() else {
+        let Some(threads) = self.threads.take() else {
             return;
         };
-        let shard_tasks = std::mem::take(&mut self.shard_tasks);
-        let listener_tasks = std::mem::take(&mut self.listener_tasks);
-        let mut stopping = self.node.stopping.subscribe();
-        let limit = self.node.config.drain_timeout + DRAIN_MARGIN;
-        runtime.block_on(async move {
-            stopped(&mut stopping).await;
-            let shards = async {
-                for t in shard_tasks {
-                    let _ = t.await;
-                }
-            };
-            if tokio::time::timeout(limit, shards).await.is_err() {
+        let node = &self.node;
+        let limit = node.config.drain_timeout + DRAIN_MARGIN;
+        let (shards_done, listeners_done) = (&self.shards_done, &self.listeners_done);
+        threads.block_on(async {
+            node.stopping.wait().await;
+            if timeout::<E, _>(limit, shards_done.recv()).await.is_none() {
                 tracing::warn!("drain_incomplete");
             }
-            for t in listener_tasks {
-                let _ = t.await;
-            }
+            let _ = listeners_done.recv().await;
         });
-        runtime.shutdown_timeout(Duration::from_millis(100));
+        threads.stop();
     }
-}
-
-impl Drop for Handle {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-/// Resolves once shutdown has begun.
-async fn stopped(stopping: &mut watch::Receiver<bool>) {
-    let _ = stopping.wait_for(|s| *s).await;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -268,48 +276,60 @@ enum Listener {
     Metrics,
 }
 
-async fn accept_loop(listener: TcpListener, node: Arc<Node>, kind: Listener) {
-    let mut stopping = node.stopping.subscribe();
+async fn accept_loop<E: Executor>(
+    listener: E::Listener,
+    node: Arc<Node<E>>,
+    kind: Listener,
+    alive: Sender<()>,
+) {
+    let mut stopped = pin!(async {
+        node.stopping.wait().await;
+        None
+    });
     loop {
-        tokio::select! {
-            () = stopped(&mut stopping) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let node = node.clone();
-                    match kind {
-                        Listener::Main => tokio::spawn(serve_main(node, stream, peer)),
-                        Listener::Metrics => tokio::spawn(serve_metrics(node, stream)),
-                    };
+        let accepted = async { Some(E::accept(&listener).await) };
+        match race(stopped.as_mut(), accepted).await {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                let node = node.clone();
+                match kind {
+                    Listener::Main => node.exec.clone().spawn(serve_main(node, stream, peer)),
+                    Listener::Metrics => node.exec.clone().spawn(serve_metrics(node, stream)),
                 }
-                Err(e) => {
-                    tracing::warn!(err = accept_error(&e), "accept_failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            },
+            }
+            Some(Err(e)) => {
+                tracing::warn!(err = accept_error(&e), "accept_failed");
+                sleep::<E>(ACCEPT_BACKOFF).await;
+            }
         }
     }
+    // The listener closes before the task counts as ended.
+    drop(listener);
+    drop(alive);
 }
 
 /// Reads the request head within the header timeout; `None`: timed out, ended, failed, or the
 /// node is stopping. The connection is then closed writing nothing.
-async fn head(node: &Node, socket: &mut Socket) -> Option<Head> {
-    let mut stopping = node.stopping.subscribe();
-    if *stopping.borrow_and_update() {
+async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Head> {
+    if node.stopping.is_set() {
         return None;
     }
-    let read = tokio::time::timeout(
-        node.config.header_timeout,
-        read_head(socket, node.config.max_head_size),
-    );
-    tokio::select! {
-        r = read => r.ok()?.ok()?,
-        () = stopped(&mut stopping) => None,
-    }
+    let read = async {
+        timeout::<E, _>(
+            node.config.header_timeout,
+            read_head(socket, node.config.max_head_size),
+        )
+        .await?
+        .ok()?
+    };
+    let stopped = async {
+        node.stopping.wait().await;
+        None
+    };
+    race(read, stopped).await
 }
 
-async fn serve_main(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    let mut socket = TokioAdapter::new(stream);
+async fn serve_main<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, peer: SocketAddr) {
     let Some(Head { head, rest }) = head(&node, &mut socket).await else {
         return;
     };
@@ -360,12 +380,12 @@ async fn serve_main(node: Arc<Node>, stream: TcpStream, peer: SocketAddr) {
 }
 
 /// Writes the 101 and starts framing; `None` if the socket failed.
-async fn switch_protocols(
-    mut socket: Socket,
+async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: S,
     response: Response,
     rest: Vec<u8>,
     config: &Config,
-) -> Option<WebSocketStream<Watched<Socket>>> {
+) -> Option<WebSocketStream<Watched<S>>> {
     socket.write_all(&response.bytes).await.ok()?;
     socket.flush().await.ok()?;
     drop(response);
@@ -373,8 +393,18 @@ async fn switch_protocols(
 }
 
 /// Carries one upgraded connection until its socket is gone; the socket is dropped on return.
-async fn pump(conn: ConnKey, mut driver: ConnDriver<Socket>, tx: &mpsc::Sender<ShardMsg>) -> Ended {
+async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+    conn: ConnKey,
+    mut driver: ConnDriver<S>,
+    tx: &Sender<ShardMsg>,
+) -> Ended {
+    let mut events = 0;
     loop {
+        events += 1;
+        if events == FAIR_SHARE {
+            events = 0;
+            yield_now().await;
+        }
         match driver.next_event().await {
             Event::Input(input) => {
                 if tx.send(ShardMsg::Input(input)).await.is_err() {
@@ -399,11 +429,10 @@ async fn pump(conn: ConnKey, mut driver: ConnDriver<Socket>, tx: &mpsc::Sender<S
 
 /// After a response: shut down the sending side, discard input for up to a second, close
 /// (§2.1). Shutdown of the node cuts it short.
-async fn linger(node: &Node, mut socket: Socket) {
+async fn linger<E: Executor>(node: &Node<E>, mut socket: E::Stream) {
     if socket.close().await.is_err() {
         return;
     }
-    let mut stopping = node.stopping.subscribe();
     let discard = async {
         let mut buf = [0u8; 1024];
         while let Ok(n) = socket.read(&mut buf).await {
@@ -412,14 +441,16 @@ async fn linger(node: &Node, mut socket: Socket) {
             }
         }
     };
-    tokio::select! {
-        _ = tokio::time::timeout(RESPONSE_LINGER, discard) => {}
-        () = stopped(&mut stopping) => {}
-    }
+    race(
+        async {
+            let _ = timeout::<E, _>(RESPONSE_LINGER, discard).await;
+        },
+        node.stopping.wait(),
+    )
+    .await;
 }
 
-async fn serve_metrics(node: Arc<Node>, stream: TcpStream) {
-    let mut socket = TokioAdapter::new(stream);
+async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
     let Some(head) = head(&node, &mut socket).await else {
         return;
     };
@@ -434,12 +465,12 @@ async fn serve_metrics(node: Arc<Node>, stream: TcpStream) {
 }
 
 /// Fixed text for a failed `accept` (logs carry no OS text, §15).
-fn accept_error(e: &std::io::Error) -> &'static str {
+fn accept_error(e: &io::Error) -> &'static str {
     match e.kind() {
-        std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset => {
+        io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset => {
             "connection aborted before accept"
         }
-        std::io::ErrorKind::OutOfMemory => "out of memory",
+        io::ErrorKind::OutOfMemory => "out of memory",
         _ => "accept failed (file descriptors exhausted?)",
     }
 }

@@ -2,15 +2,20 @@
 //! table, and is the only place the shard's state is touched.
 
 use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Instant;
 
+use async_channel::Receiver;
+use futures_util::Stream;
 use switchyard_core::{Config, ConnKey, Counters, Input, Open, Output, Relay};
-use tokio::sync::mpsc;
 
-use crate::agnostic::queue::ConnQueue;
-use crate::clock;
+use crate::Executor;
+use crate::future::yield_now;
+use crate::queue::ConnQueue;
 
 /// Inputs handled before the shard publishes its figures and re-arms its timer.
 const BATCH: usize = 64;
@@ -42,8 +47,7 @@ struct Shard {
 }
 
 impl Shard {
-    fn handle(&mut self, msg: ShardMsg) {
-        let now = clock::now();
+    fn handle(&mut self, now: Instant, msg: ShardMsg) {
         match msg {
             ShardMsg::Open { conn, open, queue } => {
                 self.conns.insert(conn, queue);
@@ -129,46 +133,68 @@ impl Shard {
     }
 }
 
+enum Wake {
+    Msg(Option<ShardMsg>),
+    Timer,
+}
+
 /// Runs one shard until it has drained after [`Input::Shutdown`] (or every sender is gone).
-pub(crate) async fn run(
+pub(crate) async fn run<E: Executor>(
     config: Config,
     seed: [u8; 32],
-    mut rx: mpsc::Receiver<ShardMsg>,
+    rx: Receiver<ShardMsg>,
     published: Arc<Published>,
 ) {
     let mut shard = Shard {
-        relay: Relay::new(config, seed, clock::now()),
+        relay: Relay::new(config, seed, E::now()),
         conns: HashMap::new(),
     };
-    let sleep = tokio::time::sleep_until(tokio::time::Instant::now());
-    tokio::pin!(sleep);
+    let mut rx = pin!(rx);
+    let mut timer = pin!(E::timer(E::now()));
     let mut armed: Option<Instant> = None;
     loop {
-        tokio::select! {
-            msg = rx.recv() => {
-                let Some(msg) = msg else { break };
-                shard.handle(msg);
+        let wake = poll_fn(|cx| {
+            if let Poll::Ready(msg) = rx.as_mut().poll_next(cx) {
+                return Poll::Ready(Wake::Msg(msg));
+            }
+            if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Timer);
+            }
+            Poll::Pending
+        })
+        .await;
+        match wake {
+            Wake::Msg(None) => break,
+            Wake::Msg(Some(msg)) => {
+                shard.handle(E::now(), msg);
+                let mut full = true;
                 for _ in 1..BATCH {
                     match rx.try_recv() {
-                        Ok(msg) => shard.handle(msg),
-                        Err(_) => break,
+                        Ok(msg) => shard.handle(E::now(), msg),
+                        Err(_) => {
+                            full = false;
+                            break;
+                        }
                     }
                 }
+                if full {
+                    yield_now().await;
+                }
             }
-            () = &mut sleep, if armed.is_some() => {
+            Wake::Timer => {
                 armed = None;
-                shard.timeout(clock::now());
+                shard.timeout(E::now());
             }
         }
         // A busy channel must not starve the timer.
-        let now = clock::now();
+        let now = E::now();
         if shard.relay.poll_timeout().is_some_and(|at| at <= now) {
             shard.timeout(now);
         }
         shard.publish(&published);
         match shard.relay.poll_timeout() {
             Some(at) if armed != Some(at) => {
-                sleep.as_mut().reset(tokio::time::Instant::from_std(at));
+                E::reset(timer.as_mut(), at);
                 armed = Some(at);
             }
             Some(_) => {}

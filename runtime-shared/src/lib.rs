@@ -1,0 +1,148 @@
+//! The runtime-neutral half of Switchyard's runtimes: everything between the sockets and the
+//! sans-IO core that needs no particular executor, written once against [`Executor`].
+//!
+//! Nothing here decides protocol behaviour. A node accepts TCP, reads a request head (applying
+//! the core's `header_timeout` and `max_head_size`), asks the [`Gate`] for a [`Verdict`] and
+//! carries it out, then pumps WebSocket frames between each socket and its shard.
+//!
+//! # Architecture
+//!
+//! - `workers` threads, owned by the runtime crate ([`Executor::launch`]).
+//! - One actor task per shard (as many shards as workers). It owns its [`Relay`], one timer re-armed
+//!   from [`Relay::poll_timeout`] and a routing table from [`ConnKey`] to each connection's
+//!   [`ConnQueue`]. Connections reach their shard (`server_id.shard(workers)`) through one
+//!   bounded channel of inputs; the shard never waits on a connection.
+//! - One task per connection: a [`ConnDriver`] reads frames and reports them, and writes what the
+//!   shard queued for it, feeding a batch to the codec and flushing once, then reporting
+//!   `Written` per message.
+//! - The [`Gate`] sits behind a mutex held only for `handle_head` and `release`.
+//!
+//! Channels are `async-channel`, I/O is futures-io and the codec is async-tungstenite over it, so
+//! the only executor-specific pieces are the ones [`Executor`] names. `switchyard-tokio` and
+//! `switchyard-smol` implement it and re-export [`Options`], [`start`] and [`Handle`] with their
+//! executor filled in.
+//!
+//! [`Gate`]: switchyard_core::Gate
+//! [`Verdict`]: switchyard_core::Verdict
+//! [`Relay`]: switchyard_core::Relay
+//! [`Relay::poll_timeout`]: switchyard_core::Relay::poll_timeout
+//! [`ConnKey`]: switchyard_core::ConnKey
+//! [`ConnQueue`]: queue::ConnQueue
+//! [`ConnDriver`]: driver::ConnDriver
+
+pub mod driver;
+mod future;
+pub mod head;
+pub mod http;
+mod node;
+pub mod queue;
+pub mod scanner;
+mod shard;
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::io::{AsyncRead, AsyncWrite};
+use switchyard_core::{Config, Counters};
+
+pub use node::{Handle, start};
+
+/// What a runtime crate supplies: threads, listeners, tasks and a timer. A value is a cheap
+/// handle to the running executor, cloned into tasks; it must not keep the threads alive (that is
+/// [`Executor::Threads`]'s job), or tasks would own the executor that owns them.
+pub trait Executor: Clone + Send + Sync + 'static {
+    /// Owns the worker threads.
+    type Threads: Threads;
+    type Listener: Send + Sync + 'static;
+    /// An accepted connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// A one-shot timer that can be re-armed in place.
+    type Timer: Future + Send;
+
+    /// Starts `workers` worker threads.
+    fn launch(workers: usize) -> io::Result<(Self, Self::Threads)>;
+    /// Adopts a bound, non-blocking listener.
+    fn listener(&self, listener: std::net::TcpListener) -> io::Result<Self::Listener>;
+    /// Accepts one connection, with `TCP_NODELAY` set.
+    fn accept(
+        listener: &Self::Listener,
+    ) -> impl Future<Output = io::Result<(Self::Stream, SocketAddr)>> + Send;
+    /// Runs `task` in the background on the workers.
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static);
+    /// The clock the timers follow, in the core's `Instant`.
+    fn now() -> Instant;
+    /// A timer firing at `at`. Called on a worker or inside [`Threads::block_on`].
+    fn timer(at: Instant) -> Self::Timer;
+    /// Re-arms `timer` to fire at `at`.
+    fn reset(timer: Pin<&mut Self::Timer>, at: Instant);
+}
+
+/// The worker threads of an [`Executor`]. Dropping them stops every task at once.
+pub trait Threads: Send + 'static {
+    /// Runs `future` to completion on the calling thread, which is not a worker.
+    fn block_on<F: Future>(&self, future: F) -> F::Output;
+    /// Stops the workers, giving running tasks a moment to end, and waits for them.
+    fn stop(self);
+}
+
+/// Renders the `/metrics` body from the node's summed counters.
+pub type RenderMetrics = Arc<dyn Fn(&Counters) -> String + Send + Sync>;
+
+/// How to run a node.
+#[derive(Clone)]
+pub struct Options {
+    /// The main listener (`--listen`).
+    pub listen: SocketAddr,
+    /// The metrics listener (`--metrics-listen`); `None` disables it.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Worker threads, and shards (≥ 1).
+    pub workers: usize,
+    pub config: Config,
+    /// Seeds the shards' conn-id generators: `None` draws one from the OS; shard `i` gets a seed
+    /// derived from it.
+    pub seed: Option<[u8; 32]>,
+    pub render_metrics: RenderMetrics,
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("workers", &self.workers)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The seed of shard `index`: the node's seed with the index mixed into its last eight bytes.
+/// Distinct keys give independent ChaCha streams.
+pub fn shard_seed(node_seed: &[u8; 32], index: usize) -> [u8; 32] {
+    let mut seed = *node_seed;
+    let tail: [u8; 8] = seed[24..].try_into().expect("8 bytes");
+    let mixed = u64::from_le_bytes(tail) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    seed[24..].copy_from_slice(&mixed.to_le_bytes());
+    seed
+}
+
+/// How long a rejected request's input is read and discarded after the response, so closing
+/// does not reset the connection before the client read the response (PROTOCOL.md §2.1).
+pub const RESPONSE_LINGER: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_seeds_differ() {
+        let s = [7; 32];
+        assert_eq!(shard_seed(&s, 0), s);
+        assert_ne!(shard_seed(&s, 1), s);
+        assert_ne!(shard_seed(&s, 1), shard_seed(&s, 2));
+    }
+}

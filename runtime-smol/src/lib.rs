@@ -1,0 +1,114 @@
+//! The smol runtime of Switchyard: one `async-executor` run by `workers` threads, async-net
+//! listeners and `async-io` timers under the executor-neutral node of [`switchyard_runtime`],
+//! which holds everything else (see its documentation for the architecture).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use async_executor::Executor;
+use async_io::Timer;
+use async_net::{TcpListener, TcpStream};
+
+pub use switchyard_runtime::{Options, RESPONSE_LINGER, RenderMetrics, shard_seed};
+
+/// A running node on smol.
+pub type Handle = switchyard_runtime::Handle<Smol>;
+
+/// Binds both listeners (a bind error is returned at once) and starts the node on its own
+/// threads.
+pub fn start(options: Options) -> io::Result<Handle> {
+    switchyard_runtime::start::<Smol>(options)
+}
+
+/// The node's view of its executor. Weak: spawned tasks hold it, and the executor holds them.
+#[derive(Debug, Clone)]
+pub struct Smol(Weak<Executor<'static>>);
+
+/// The worker threads, which own the executor: when the last one leaves, the executor and every
+/// task still in it are dropped.
+#[derive(Debug)]
+pub struct SmolThreads {
+    /// Closing it ends every worker's `run`.
+    stop: async_channel::Sender<()>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl switchyard_runtime::Executor for Smol {
+    type Threads = SmolThreads;
+    type Listener = TcpListener;
+    type Stream = TcpStream;
+    type Timer = Timer;
+
+    fn launch(workers: usize) -> io::Result<(Smol, SmolThreads)> {
+        let executor = Arc::new(Executor::new());
+        let (stop, stopped) = async_channel::bounded::<()>(1);
+        let mut threads = SmolThreads {
+            stop,
+            workers: Vec::with_capacity(workers),
+        };
+        for _ in 0..workers {
+            let (executor, stopped) = (executor.clone(), stopped.clone());
+            let worker = std::thread::Builder::new()
+                .name("switchyard-worker".to_owned())
+                .spawn(move || {
+                    async_io::block_on(executor.run(async {
+                        let _ = stopped.recv().await;
+                    }));
+                })?;
+            threads.workers.push(worker);
+        }
+        Ok((Smol(Arc::downgrade(&executor)), threads))
+    }
+
+    fn listener(&self, listener: std::net::TcpListener) -> io::Result<TcpListener> {
+        TcpListener::try_from(listener)
+    }
+
+    async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+        let (stream, peer) = listener.accept().await?;
+        let _ = stream.set_nodelay(true);
+        Ok((stream, peer))
+    }
+
+    fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        if let Some(executor) = self.0.upgrade() {
+            executor.spawn(task).detach();
+        }
+    }
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    fn timer(at: Instant) -> Timer {
+        Timer::at(at)
+    }
+
+    fn reset(timer: Pin<&mut Timer>, at: Instant) {
+        timer.get_mut().set_at(at);
+    }
+}
+
+impl switchyard_runtime::Threads for SmolThreads {
+    fn block_on<F: Future>(&self, future: F) -> F::Output {
+        async_io::block_on(future)
+    }
+
+    fn stop(mut self) {
+        self.stop.close();
+        for worker in std::mem::take(&mut self.workers) {
+            let _ = worker.join();
+        }
+    }
+}
+
+impl Drop for SmolThreads {
+    fn drop(&mut self) {
+        self.stop.close();
+    }
+}

@@ -1,0 +1,3 @@
+//! Every scenario against `switchyard-smol`.
+
+switchyard_tests::suite!(switchyard_tests::runtimes::Smol);
