@@ -887,10 +887,36 @@ impl Relay {
         }
     }
 
+    /// §6 "evict P": the phones leave the registry at once, so they no longer count against the
+    /// cap while their close handshake runs and a re-dialled phone gets in (decision C21).
     fn evict_phones(&mut self, sid: &ServerId) {
         let phones: Vec<ConnKey> = self.ids[sid].phones.values().copied().collect();
         for p in phones {
-            self.end(p, CloseCode::NO_SERVER, REASON_RECLAIMED, None);
+            self.evict(p, CloseCode::NO_SERVER, REASON_RECLAIMED);
+        }
+    }
+
+    /// Closes a phone and takes it out of the registry. A phone already closing for a reason of
+    /// its own stays registered until its connection ends (§7.4).
+    fn evict(&mut self, phone: ConnKey, code: CloseCode, reason: &'static str) {
+        if self.conns.get(&phone).is_some_and(|c| !c.ending) {
+            self.end(phone, code, reason, None);
+            self.unregister(phone);
+        }
+    }
+
+    fn unregister(&mut self, phone: ConnKey) {
+        let Some(c) = self.conns.get_mut(&phone) else {
+            return;
+        };
+        let Kind::Phone { registered, .. } = &mut c.kind else {
+            return;
+        };
+        if std::mem::replace(registered, false) {
+            self.counters.connected_phones -= 1;
+            if let Some(entry) = self.ids.get_mut(&c.server_id) {
+                entry.phones.remove(&c.id);
+            }
         }
     }
 
@@ -903,7 +929,7 @@ impl Relay {
         self.counters.grace_expiries += 1;
         tracing::info!(server_id = %sid, "grace_expired");
         for p in phones {
-            self.end(p, CloseCode::NORMAL, "", None);
+            self.evict(p, CloseCode::NORMAL, "");
         }
         self.forget_if_idle(sid);
     }

@@ -1020,10 +1020,23 @@ impl Model {
         }
     }
 
+    /// Evicted phones leave the registry at once; one already closing stays until it ends (C21).
     fn evict(&mut self, sid: usize) {
         let phones: Vec<u64> = self.sids[sid].phones.values().copied().collect();
         for p in phones {
-            self.end(p, 4404, RECLAIMED, None, false);
+            if !self.conns[&p].ending {
+                self.end(p, 4404, RECLAIMED, None, false);
+                self.unregister(p);
+            }
+        }
+    }
+
+    fn unregister(&mut self, p: u64) {
+        let c = self.conns.get_mut(&p).unwrap();
+        if std::mem::replace(&mut c.registered, false) {
+            let (sid, id) = (c.sid, c.id.clone());
+            self.sids[sid].phones.remove(&id);
+            self.counters.connected_phones -= 1;
         }
     }
 
@@ -1032,7 +1045,10 @@ impl Model {
         self.counters.grace_expiries += 1;
         let phones: Vec<u64> = self.sids[sid].phones.values().copied().collect();
         for p in phones {
-            self.end(p, 1000, "", None, false);
+            if !self.conns[&p].ending {
+                self.end(p, 1000, "", None, false);
+                self.unregister(p);
+            }
         }
         self.forget_if_idle(sid);
     }

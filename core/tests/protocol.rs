@@ -980,3 +980,25 @@ fn state_is_forgotten_after_connections_and_grace() {
     assert_eq!(c.dropped(DropReason::PhoneGone), 1);
     assert_eq!(CloseCode::new(1000).map(CloseCode::get), Some(1000));
 }
+
+#[test]
+fn item_32_evicted_phones_free_their_cap_slot_at_once() {
+    let mut sim = Sim::new(Config { max_phones_per_server: 1, ..Config::default() });
+    let (b, p) = pair(&mut sim);
+    sim.finish(b, Ended::Dropped);
+    let b2 = sim.binary("abc");
+    assert_eq!(sim.closed_with(p), Some((4404, "binary reclaimed server-id")));
+    // The evicted phone has not finished its close handshake; a re-dialled phone still gets in.
+    let again = sim.phone("abc");
+    assert_eq!(sim.closed_with(again), None);
+    assert_eq!(sim.counters().connected_phones, 1);
+    let id = sim.phone_id(again);
+    sim.send(again, "1");
+    assert_eq!(sim.texts(b2), vec![envelope(&id, "1")]);
+    // An envelope for the evicted phone is for an unknown conn id now.
+    let old = sim.phone_id(p);
+    sim.send(b2, &envelope(&old, "2"));
+    assert_eq!(sim.counters().dropped(DropReason::UnknownConnId), 1);
+    sim.finish(p, Ended::Local);
+    assert_eq!(sim.counters().connected_phones, 1);
+}

@@ -566,6 +566,8 @@ impl Sim {
                         "{who} closed 1000 before its id's grace window ended"
                     ));
                 }
+                // Grace expiry evicts: the phone leaves the registry at once (decision C21).
+                self.links.get_mut(&conn).expect("known").registered = false;
             }
             (1008, "read timeout") => {
                 if l.read_since.is_none_or(|t| now < t + cfg.read_timeout) {
@@ -663,6 +665,8 @@ impl Sim {
             .collect();
         for p in phones {
             self.expect_close(p, 4404, "binary reclaimed server-id", false);
+            // Evicted phones leave the registry at once (decision C21).
+            self.links.get_mut(&p).expect("known").registered = false;
         }
     }
 
