@@ -983,11 +983,17 @@ fn state_is_forgotten_after_connections_and_grace() {
 
 #[test]
 fn item_32_evicted_phones_free_their_cap_slot_at_once() {
-    let mut sim = Sim::new(Config { max_phones_per_server: 1, ..Config::default() });
+    let mut sim = Sim::new(Config {
+        max_phones_per_server: 1,
+        ..Config::default()
+    });
     let (b, p) = pair(&mut sim);
     sim.finish(b, Ended::Dropped);
     let b2 = sim.binary("abc");
-    assert_eq!(sim.closed_with(p), Some((4404, "binary reclaimed server-id")));
+    assert_eq!(
+        sim.closed_with(p),
+        Some((4404, "binary reclaimed server-id"))
+    );
     // The evicted phone has not finished its close handshake; a re-dialled phone still gets in.
     let again = sim.phone("abc");
     assert_eq!(sim.closed_with(again), None);

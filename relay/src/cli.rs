@@ -380,7 +380,7 @@ impl fmt::Debug for Secret {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceAccount {
     pub client_email: String,
-    /// PEM, PKCS#8 or PKCS#1. Checked here for its PEM armour only; the signer parses the key.
+    /// PEM, PKCS#8 or PKCS#1; checked at boot to be an RSA key the signer accepts.
     pub private_key: Secret,
     pub private_key_id: Option<String>,
     pub token_uri: Option<String>,
@@ -653,7 +653,9 @@ impl BootError {
                         "have a type other than service_account"
                     }
                     CredentialsProblem::NoClientEmail => "have no client_email",
-                    CredentialsProblem::BadPrivateKey => "have no PEM private_key",
+                    CredentialsProblem::BadPrivateKey => {
+                        "have no private_key that is an RSA key in PEM (PKCS#8 or PKCS#1)"
+                    }
                     CredentialsProblem::NoProjectId => "have no project_id",
                 };
                 format!("the push credentials from {origin} {what}")
@@ -1385,8 +1387,8 @@ fn check_pem(s: &Sourced, labels: &[&str]) -> Result<(), BootError> {
     }
 }
 
-/// Parses a service-account key and checks the fields §14.3 item 7 names (the RSA key itself is
-/// checked for its PEM armour; the JWT signer parses it).
+/// Parses a service-account key and checks the fields §14.3 item 7 names, the private key by
+/// parsing it as the JWT signer will.
 pub fn parse_service_account(text: &str) -> Result<ServiceAccount, CredentialsProblem> {
     let value: serde_json::Value =
         serde_json::from_str(text).map_err(|_| CredentialsProblem::NotJsonObject)?;
@@ -1401,11 +1403,7 @@ pub fn parse_service_account(text: &str) -> Result<ServiceAccount, CredentialsPr
     }
     let client_email = string("client_email").ok_or(CredentialsProblem::NoClientEmail)?;
     let private_key = string("private_key").ok_or(CredentialsProblem::BadPrivateKey)?;
-    let armoured = [("PRIVATE KEY"), ("RSA PRIVATE KEY")].iter().any(|label| {
-        private_key.contains(&format!("-----BEGIN {label}-----"))
-            && private_key.contains(&format!("-----END {label}-----"))
-    });
-    if !armoured {
+    if switchyard_push::SigningKey::from_pem(private_key).is_err() {
         return Err(CredentialsProblem::BadPrivateKey);
     }
     Ok(ServiceAccount {
@@ -1550,10 +1548,19 @@ mod tests {
         (tmp_file("cert.pem", PEM_CERT), tmp_file("key.pem", PEM_KEY))
     }
 
+    /// A test-only RSA key (`push/testdata/`).
+    const TEST_KEY: &str = include_str!("../../push/testdata/test-only-key-pkcs8.pem");
+
+    /// A line of [`TEST_KEY`]'s body, which no message may echo.
+    fn key_material() -> &'static str {
+        TEST_KEY.lines().nth(1).unwrap()
+    }
+
     fn service_account(extra: &str) -> String {
+        let key = serde_json::Value::from(TEST_KEY).to_string();
         format!(
             r#"{{"type":"service_account","client_email":"relay@p.iam.gserviceaccount.com",
-               "private_key":"-----BEGIN PRIVATE KEY-----\nMIIE-secret-material\n-----END PRIVATE KEY-----\n",
+               "private_key":{key},
                "private_key_id":"kid1"{extra}}}"#
         )
     }
@@ -2467,9 +2474,9 @@ mod tests {
             push.credentials
                 .private_key
                 .expose()
-                .contains("MIIE-secret-material")
+                .contains(key_material())
         );
-        assert!(!format!("{push:?}").contains("MIIE-secret-material"));
+        assert!(!format!("{push:?}").contains(key_material()));
         // Flags override what the key says.
         let s = ok(
             &[
@@ -2503,7 +2510,7 @@ mod tests {
 
     #[test]
     fn invalid_credentials_are_refused_without_echo_item_74() {
-        let secret = "MIIE-secret-material";
+        let secret = key_material();
         let cases: Vec<(String, CredentialsProblem)> = vec![
             (
                 format!("not json {secret}"),
@@ -2522,6 +2529,27 @@ mod tests {
             ),
             (
                 service_account(r#","project_id":"p""#).replace("PRIVATE KEY", "CERTIFICATE"),
+                CredentialsProblem::BadPrivateKey,
+            ),
+            // PEM armour around something that is not an RSA key.
+            (
+                service_account(r#","project_id":"p""#).replace(
+                    secret,
+                    &format!("{}{secret}", "A".repeat(4))
+                        .chars()
+                        .take(secret.len())
+                        .collect::<String>(),
+                ),
+                CredentialsProblem::BadPrivateKey,
+            ),
+            (
+                service_account(r#","project_id":"p""#).replace(
+                    &serde_json::Value::from(TEST_KEY).to_string(),
+                    &serde_json::Value::from(include_str!(
+                        "../../push/testdata/test-only-key-ec.pem"
+                    ))
+                    .to_string(),
+                ),
                 CredentialsProblem::BadPrivateKey,
             ),
             (service_account(""), CredentialsProblem::NoProjectId),

@@ -14,6 +14,7 @@ pub use cli::{
     ServiceAccount, Settings, Tls,
 };
 pub use metrics::{MetricsOptions, render};
+pub use serve::pusher;
 
 /// Runs the relay until a signal-driven shutdown and returns the process exit code (§13).
 pub fn run(settings: Settings) -> ExitCode {

@@ -192,8 +192,8 @@ where
     }
 }
 
-/// A subscriber writing `format` lines to `writer`: this crate and the core at `info` and above,
-/// everything else at `warn` and above.
+/// A subscriber writing `format` lines to `writer`: this crate, the core and push at `info` and
+/// above, everything else at `warn` and above.
 pub fn subscriber<W>(line: LineFormat, writer: W) -> impl Subscriber + Send + Sync + 'static
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
@@ -201,6 +201,7 @@ where
     let filter = Targets::new()
         .with_target("switchyard", Level::INFO)
         .with_target("switchyard_core", Level::INFO)
+        .with_target("switchyard_push", Level::INFO)
         .with_default(Level::WARN);
     tracing_subscriber::registry()
         .with(

@@ -7,13 +7,17 @@ use std::sync::Arc;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use switchyard_runtime::{Executor, Handle, Options};
+use switchyard_core::Config;
+use switchyard_push::{FcmSettings, KeyError, Pusher, SigningKey};
+use switchyard_runtime::{Executor, Handle, Options, PushSink};
 
-use crate::cli::{ListenAddr, Runtime, Settings, Tls};
+use crate::cli::{ListenAddr, Push, Runtime, Settings, Tls};
 use crate::metrics::{MetricsOptions, render};
 
 /// Exit code 1: a listener could not be bound, or the node cannot run as configured (§13).
 const EXIT_LISTENER: u8 = 1;
+/// Exit code 2: configuration refused (§14.3).
+const EXIT_CONFIG: u8 = 2;
 
 /// Starts the node, serves until SIGTERM or SIGINT, drains, and returns the exit code.
 pub fn run(settings: Settings) -> ExitCode {
@@ -47,6 +51,23 @@ pub fn run(settings: Settings) -> ExitCode {
             return ExitCode::from(EXIT_LISTENER);
         }
     };
+    let push = match settings
+        .push
+        .as_ref()
+        .map(|p| pusher(p, &settings.config))
+        .transpose()
+    {
+        Ok(push) => push,
+        Err(_) => {
+            // The key was parsed at boot; this is only reachable if that check is bypassed.
+            tracing::error!(
+                reason = "fcm_credentials",
+                err = "the push credentials' private key is not a usable RSA key",
+                "refusing_to_start"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let metrics = MetricsOptions::from_settings(&settings);
     let options = Options {
         listen,
@@ -55,6 +76,7 @@ pub fn run(settings: Settings) -> ExitCode {
         config: settings.config.clone(),
         seed: None,
         render_metrics: Arc::new(move |c| render(c, &metrics)),
+        push,
     };
     let started = match settings.runtime {
         Runtime::Tokio => switchyard_tokio::start(options).map(|h| serve(&settings, h, signals)),
@@ -87,6 +109,13 @@ fn serve<E: Executor>(settings: &Settings, handle: Handle<E>, mut signals: Signa
         version = settings.config.version.as_str(),
         "listening"
     );
+    if settings.push.is_none() {
+        tracing::info!(
+            reason = "push_off",
+            err = "push wake is off: no FCM credentials",
+            "push_wake_dropped"
+        );
+    }
     for signal in signals.forever() {
         match signal {
             SIGHUP => handle.rebalance(),
@@ -104,6 +133,21 @@ fn serve<E: Executor>(settings: &Settings, handle: Handle<E>, mut signals: Signa
     tracing::info!("shutdown_complete");
     drop(signals);
     ExitCode::SUCCESS
+}
+
+/// The push sender for validated push settings (§11), with `config`'s in-flight cap.
+pub fn pusher(push: &Push, config: &Config) -> Result<Arc<dyn PushSink>, KeyError> {
+    let account = &push.credentials;
+    let fcm = FcmSettings {
+        client_email: account.client_email.clone(),
+        private_key_id: account.private_key_id.clone(),
+        private_key: SigningKey::from_pem(account.private_key.expose())?,
+        endpoint: push.endpoint.clone(),
+        token_url: push.token_url.clone(),
+        project_id: push.project_id.clone(),
+        timeout: push.timeout,
+    };
+    Ok(Arc::new(Pusher::new(fcm, config)))
 }
 
 /// What the settings ask for that this build cannot do yet.

@@ -16,6 +16,11 @@
 //!   shard queued for it, feeding a batch to the codec and flushing once, then reporting
 //!   `Written` per message.
 //! - The [`Gate`] sits behind a mutex held only for `handle_head` and `release`.
+//! - Every structure shared between threads (connection queues, published figures, the gate's
+//!   lock, the shutdown flag, the task latches) is written on the `sync` module's types, which
+//!   `--cfg switchyard_loom` swaps for loom's so the models in `loom_models` run the real code.
+//! - Push wakes the shards' buckets admit go to one node-wide [`PushSink`] (`switchyard-push`),
+//!   which returns at once and sends off the workers: a slow FCM never delays a frame.
 //!
 //! Channels are `async-channel`, I/O is futures-io and the codec is async-tungstenite over it, so
 //! the only executor-specific pieces are the ones [`Executor`] names. `switchyard-tokio` and
@@ -32,12 +37,18 @@
 
 pub mod driver;
 mod future;
+mod gate;
 pub mod head;
 pub mod http;
+#[cfg(all(test, switchyard_loom))]
+mod loom_models;
 mod node;
+mod published;
 pub mod queue;
 pub mod scanner;
 mod shard;
+mod signal;
+mod sync;
 
 use std::fmt;
 use std::future::Future;
@@ -48,7 +59,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::io::{AsyncRead, AsyncWrite};
-use switchyard_core::{Config, Counters};
+use switchyard_core::{Config, Counters, ServerId};
 
 pub use node::{Handle, start};
 
@@ -93,6 +104,19 @@ pub trait Threads: Send + 'static {
 /// Renders the `/metrics` body from the node's summed counters.
 pub type RenderMetrics = Arc<dyn Fn(&Counters) -> String + Send + Sync>;
 
+/// Where the shards hand the push wakes their per-server-id buckets admitted (PROTOCOL.md §11).
+/// One per node, shared by every shard; `switchyard-push` implements it with the FCM client.
+pub trait PushSink: Send + Sync + 'static {
+    /// Takes one admitted wake. Called on a shard's task, so it returns at once: the in-flight
+    /// cap is checked here and the HTTP calls happen elsewhere.
+    fn wake(&self, server_id: ServerId, token: String);
+    /// The outcome counts so far (only `push_wakes` is filled); the node adds them to the
+    /// shards' counts, which hold the bucket's drops.
+    fn counters(&self) -> Counters;
+    /// Shutdown began (§13): sends in flight are cancelled and later wakes are not sent.
+    fn cancel(&self);
+}
+
 /// How to run a node.
 #[derive(Clone)]
 pub struct Options {
@@ -107,6 +131,9 @@ pub struct Options {
     /// derived from it.
     pub seed: Option<[u8; 32]>,
     pub render_metrics: RenderMetrics,
+    /// Performs push wakes; `None` when push is off. `config.push_enabled` should be set
+    /// exactly when this is `Some` (a wake the core admits without a sink is ignored).
+    pub push: Option<Arc<dyn PushSink>>,
 }
 
 impl fmt::Debug for Options {
@@ -116,6 +143,7 @@ impl fmt::Debug for Options {
             .field("metrics_listen", &self.metrics_listen)
             .field("workers", &self.workers)
             .field("config", &self.config)
+            .field("push", &self.push.is_some())
             .finish_non_exhaustive()
     }
 }

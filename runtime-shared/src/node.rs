@@ -3,11 +3,11 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_channel::{Receiver, Sender};
+use async_channel::Sender;
 use async_tungstenite::WebSocketStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use switchyard_core::{
@@ -16,12 +16,15 @@ use switchyard_core::{
 
 use crate::driver::{self, ConnDriver, Event};
 use crate::future::{race, sleep, timeout, yield_now};
+use crate::gate::SharedGate;
 use crate::head::{Head, read_head};
 use crate::http::{self, MetricsRoute};
+use crate::published::Published;
 use crate::queue::ConnQueue;
 use crate::scanner::Watched;
-use crate::shard::{self, Published, ShardMsg};
-use crate::{Executor, Options, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed};
+use crate::shard::{self, ShardMsg};
+use crate::signal::{self, Alive, Done, Flag};
+use crate::{Executor, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed};
 
 /// Inputs a shard's channel holds before connections wait (backpressure on reading).
 const SHARD_CHANNEL: usize = 1024;
@@ -41,70 +44,42 @@ struct ShardLink {
 struct Node<E> {
     exec: E,
     config: Config,
-    gate: Mutex<Gate>,
+    gate: SharedGate,
     shards: Vec<ShardLink>,
     next_conn: AtomicU64,
-    stopping: Stopping,
+    /// Set once shutdown begins: listeners close, connections not yet upgraded are dropped.
+    stopping: Flag,
     render_metrics: RenderMetrics,
+    push: Option<Arc<dyn PushSink>>,
 }
 
 impl<E: Executor> Node<E> {
     fn load(&self) -> Load {
         let mut load = Load::default();
         for s in &self.shards {
-            load.binaries += s.published.binaries.load(Ordering::Relaxed);
-            load.phones += s.published.phones.load(Ordering::Relaxed);
+            load += s.published.load();
         }
         load
     }
 
     fn counters(&self) -> Counters {
-        let mut sum = self.gate.lock().expect("gate lock").counters().clone();
+        let mut sum = self.gate.counters();
         for s in &self.shards {
-            sum.add(&s.published.counters.lock().expect("counters lock"));
+            s.published.add_to(&mut sum);
         }
-        // Push outcomes join here once the push dispatcher exists (issue 8).
+        if let Some(push) = &self.push {
+            sum.add(&push.counters());
+        }
         sum
     }
 
     fn release(&self, slot: Slot) {
-        self.gate.lock().expect("gate lock").release(slot);
+        self.gate.release(slot);
     }
 
     fn handle_head(&self, peer: IpAddr, head: &[u8]) -> Verdict {
         let load = self.load();
-        self.gate
-            .lock()
-            .expect("gate lock")
-            .handle_head(E::now(), peer, head, load)
-    }
-}
-
-/// Set once shutdown begins: listeners close, connections not yet upgraded are dropped. It is a
-/// channel nothing is ever sent on; closing it wakes every waiter.
-struct Stopping {
-    tx: Sender<()>,
-    rx: Receiver<()>,
-}
-
-impl Stopping {
-    fn new() -> Stopping {
-        let (tx, rx) = async_channel::bounded(1);
-        Stopping { tx, rx }
-    }
-
-    /// Returns `false` if shutdown had already begun.
-    fn begin(&self) -> bool {
-        self.tx.close()
-    }
-
-    fn is_set(&self) -> bool {
-        self.tx.is_closed()
-    }
-
-    /// Resolves once shutdown has begun.
-    async fn wait(&self) {
-        let _ = self.rx.recv().await;
+        self.gate.handle_head(E::now, peer, head, load)
     }
 }
 
@@ -114,10 +89,10 @@ pub struct Handle<E: Executor> {
     node: Arc<Node<E>>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
-    /// Closed once every shard task has ended (each holds a sender).
-    shards_done: Receiver<()>,
-    /// Closed once every listener task has ended.
-    listeners_done: Receiver<()>,
+    /// Done once every shard task has ended.
+    shards_done: Done,
+    /// Done once every listener task has ended.
+    listeners_done: Done,
 }
 
 impl<E: Executor> std::fmt::Debug for Handle<E> {
@@ -168,20 +143,22 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
     }
     let node = Arc::new(Node {
         exec: exec.clone(),
-        gate: Mutex::new(Gate::new(options.config.clone(), E::now())),
+        gate: SharedGate::new(Gate::new(options.config.clone(), E::now())),
         config: options.config,
         shards,
         next_conn: AtomicU64::new(1),
-        stopping: Stopping::new(),
+        stopping: Flag::default(),
         render_metrics: options.render_metrics,
+        push: options.push,
     });
-    let (shard_alive, shards_done) = async_channel::bounded::<()>(1);
+    let (shard_alive, shards_done) = signal::latch();
     for (i, rx) in receivers.into_iter().enumerate() {
         let run = shard::run::<E>(
             node.config.clone(),
             shard_seed(&node_seed, i),
             rx,
             node.shards[i].published.clone(),
+            node.push.clone(),
         );
         let alive = shard_alive.clone();
         exec.spawn(async move {
@@ -189,7 +166,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
             drop(alive);
         });
     }
-    let (listener_alive, listeners_done) = async_channel::bounded::<()>(1);
+    let (listener_alive, listeners_done) = signal::latch();
     let alive = listener_alive.clone();
     exec.spawn(accept_loop(main, node.clone(), Listener::Main, alive));
     if let Some(m) = metrics {
@@ -229,14 +206,17 @@ impl<E: Executor> Handle<E> {
 
     /// The drain delay (§13): `/healthz` answers 503 "draining"; everything else is unchanged.
     pub fn start_draining(&self) {
-        self.node.gate.lock().expect("gate lock").start_draining();
+        self.node.gate.start_draining();
     }
 
     /// Begins shutdown (§13): listeners close, connections not yet upgraded are dropped, every
-    /// shard closes its connections. Later calls do nothing.
+    /// shard closes its connections, push sends in flight are cancelled. Later calls do nothing.
     pub fn shutdown(&self) {
-        if self.node.stopping.begin() {
+        if self.node.stopping.set() {
             self.broadcast(|| Input::Shutdown);
+            if let Some(push) = &self.node.push {
+                push.cancel();
+            }
         }
     }
 
@@ -261,10 +241,10 @@ impl<E: Executor> Handle<E> {
         let (shards_done, listeners_done) = (&self.shards_done, &self.listeners_done);
         threads.block_on(async {
             node.stopping.wait().await;
-            if timeout::<E, _>(limit, shards_done.recv()).await.is_none() {
+            if timeout::<E, _>(limit, shards_done.wait()).await.is_none() {
                 tracing::warn!("drain_incomplete");
             }
-            let _ = listeners_done.recv().await;
+            listeners_done.wait().await;
         });
         threads.stop();
     }
@@ -280,7 +260,7 @@ async fn accept_loop<E: Executor>(
     listener: E::Listener,
     node: Arc<Node<E>>,
     kind: Listener,
-    alive: Sender<()>,
+    alive: Alive,
 ) {
     let mut stopped = pin!(async {
         node.stopping.wait().await;

@@ -6,11 +6,12 @@
 //! (pause, abort) bypass the write order: they act on the socket, not on the stream of frames.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::task::{Context, Waker};
 
 use bytes::Bytes;
 use switchyard_core::CloseCode;
+
+use crate::sync::Mutex;
 
 /// A frame for the connection's writer, in the order the core emitted them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +96,10 @@ impl ConnQueue {
     }
 
     /// The current controls; registers the task to be woken by the next change.
+    ///
+    /// Call it first in every poll, before [`has_cmd`](Self::has_cmd) and [`pop`](Self::pop):
+    /// then a command queued after those found nothing wakes the task (the loom model
+    /// `queue_no_lost_wakeup` checks this order).
     pub fn poll_controls(&self, cx: &mut Context<'_>) -> Controls {
         let mut s = self.state.lock().expect("queue lock");
         match &mut s.waker {
@@ -118,7 +123,7 @@ impl ConnQueue {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(switchyard_loom)))]
 mod tests {
     use super::*;
 

@@ -4,18 +4,18 @@
 use std::collections::HashMap;
 use std::future::{Future, poll_fn};
 use std::pin::pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
 use async_channel::Receiver;
 use futures_util::Stream;
-use switchyard_core::{Config, ConnKey, Counters, Input, Open, Output, Relay};
+use switchyard_core::{Config, ConnKey, Input, Open, Output, Relay};
 
-use crate::Executor;
 use crate::future::yield_now;
+use crate::published::Published;
 use crate::queue::ConnQueue;
+use crate::{Executor, PushSink};
 
 /// Inputs handled before the shard publishes its figures and re-arms its timer.
 const BATCH: usize = 64;
@@ -33,17 +33,10 @@ pub(crate) enum ShardMsg {
     Input(Input),
 }
 
-/// What a shard publishes after every step, for `/healthz` and `/metrics`.
-#[derive(Debug, Default)]
-pub(crate) struct Published {
-    pub(crate) binaries: AtomicU64,
-    pub(crate) phones: AtomicU64,
-    pub(crate) counters: Mutex<Counters>,
-}
-
 struct Shard {
     relay: Relay,
     conns: HashMap<ConnKey, Arc<ConnQueue>>,
+    push: Option<Arc<dyn PushSink>>,
 }
 
 impl Shard {
@@ -108,28 +101,18 @@ impl Shard {
                         q.pause_reading(paused);
                     }
                 }
-                Output::PushWake { server_id, token } => {
-                    // push wake: see issue 8. Until the FCM client exists a wake is ignored.
-                    drop(token);
-                    tracing::debug!(server_id = %server_id, reason = "push_off", "push_wake_dropped");
-                }
+                Output::PushWake { server_id, token } => match &self.push {
+                    Some(push) => push.wake(server_id, token),
+                    None => {
+                        tracing::debug!(server_id = %server_id, reason = "push_off", "push_wake_dropped");
+                    }
+                },
             }
         }
     }
 
     fn publish(&self, published: &Published) {
-        let counters = self.relay.counters();
-        published
-            .binaries
-            .store(counters.connected_binaries, Ordering::Relaxed);
-        published
-            .phones
-            .store(counters.connected_phones, Ordering::Relaxed);
-        published
-            .counters
-            .lock()
-            .expect("counters lock")
-            .clone_from(counters);
+        published.publish(self.relay.counters());
     }
 }
 
@@ -144,10 +127,12 @@ pub(crate) async fn run<E: Executor>(
     seed: [u8; 32],
     rx: Receiver<ShardMsg>,
     published: Arc<Published>,
+    push: Option<Arc<dyn PushSink>>,
 ) {
     let mut shard = Shard {
         relay: Relay::new(config, seed, E::now()),
         conns: HashMap::new(),
+        push,
     };
     let mut rx = pin!(rx);
     let mut timer = pin!(E::timer(E::now()));

@@ -6,6 +6,8 @@
 //! counters. Scenario names carry the checklist item they cover.
 
 pub mod client;
+pub mod doubles;
+pub mod push;
 pub mod scenarios;
 
 use std::net::SocketAddr;
@@ -13,11 +15,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_core::{Config, Counters};
+use switchyard_runtime::PushSink;
 
 /// A runtime the suite can run against.
 pub trait RelayUnderTest {
-    /// Starts a node on `127.0.0.1:0` (both listeners) with `config`.
-    fn start(config: Config) -> Running;
+    /// Starts a node on `127.0.0.1:0` (both listeners) with `config`, push off.
+    fn start(config: Config) -> Running {
+        Self::start_with_push(config, None)
+    }
+
+    /// As [`start`](RelayUnderTest::start), with `push` performing the wakes (push is on when
+    /// `config.push_enabled`).
+    fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running;
 }
 
 /// What a scenario needs from a running node.
@@ -116,14 +125,14 @@ pub mod runtimes {
     pub struct Smol;
 
     impl RelayUnderTest for Tokio {
-        fn start(config: Config) -> Running {
-            start(config, switchyard_tokio::start)
+        fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
+            start(config, push, switchyard_tokio::start)
         }
     }
 
     impl RelayUnderTest for Smol {
-        fn start(config: Config) -> Running {
-            start(config, switchyard_smol::start)
+        fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
+            start(config, push, switchyard_smol::start)
         }
     }
 
@@ -147,6 +156,7 @@ pub mod runtimes {
 
     fn start<E: Executor>(
         config: Config,
+        push: Option<Arc<dyn PushSink>>,
         start: fn(Options) -> std::io::Result<Handle<E>>,
     ) -> Running {
         let opts = switchyard::MetricsOptions {
@@ -160,6 +170,7 @@ pub mod runtimes {
             config,
             seed: Some([42; 32]),
             render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
+            push,
         })
         .expect("start the runtime");
         let addr = handle.local_addr();
@@ -172,7 +183,19 @@ pub mod runtimes {
 #[macro_export]
 macro_rules! suite {
     ($rt:ty) => {
-        $crate::suite!(@each $rt;
+        $crate::suite!(@each $rt; push;
+            item_61_wake_sent_with_jwt_and_exact_body,
+            item_62_seventh_wake_dropped_by_bucket,
+            item_63_outcomes_unregistered_redirect_token_down,
+            item_64_invalid_wakes_send_nothing,
+            item_65_push_off_sends_nothing,
+            item_66_stalled_fcm_does_not_slow_frames,
+            push_token_reused_until_expiry,
+            push_errors_and_timeouts_are_send_failed,
+            push_in_flight_cap_drops_excess,
+            push_logs_fingerprint_never_token,
+        );
+        $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,
             item_2_healthz_counts_binaries_and_phones,
             item_3_unknown_paths_404,
@@ -242,11 +265,11 @@ macro_rules! suite {
             close_code_1014_notice,
         );
     };
-    (@each $rt:ty; $($name:ident),* $(,)?) => {
+    (@each $rt:ty; $module:ident; $($name:ident),* $(,)?) => {
         $(
             #[test]
             fn $name() {
-                $crate::scenarios::$name::<$rt>();
+                $crate::$module::$name::<$rt>();
             }
         )*
     };
