@@ -70,25 +70,28 @@ run floor latency --raw --servers "$((SERVERS * PHONES))" --phones 1 --size "$SI
 stop "$FLOOR_PID"
 
 python3 - "$rows" "$OUT" <<'PY'
-import json, sys, platform, os, subprocess, datetime
+import json, sys, os, datetime
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 def fmt(v): return f"{v:,.0f}" if isinstance(v, (int, float)) else str(v)
-out = [
-    "# Performance",
-    "",
-    f"Measured {datetime.date.today()} on {os.cpu_count()} cores ({cpu}), load generator on the same machine,",
-    f"relay with `--workers {os.environ.get('WORKERS', '1')}`. Regenerate with `bash bench/run.sh` (see the script for the knobs).",
+table = [
+    f"Measured {datetime.date.today()} on {os.cpu_count()} cores ({cpu}), load generator on the same",
+    f"machine, relay and load generator with `--workers {os.environ.get('WORKERS', '1')}` each.",
     "",
     "| scenario | target | servers × phones | frame B | round trips/s | p50 µs | p99 µs | p99.9 µs | other |",
     "|---|---|---|---|---|---|---|---|---|",
 ]
 for r in rows:
     other = {k: r[k] for k in ("rate_per_s", "cycles_per_s", "bytes_per_connection", "connections", "failures") if k in r}
-    out.append("| {} | {} | {} × {} | {} | {} | {} | {} | {} | {} |".format(
+    table.append("| {} | {} | {} × {} | {} | {} | {} | {} | {} | {} |".format(
         r["scenario"], r["target"], r["servers"], r["phones"], r["frame_bytes"],
         fmt(r.get("round_trips_per_s", "")), fmt(r.get("p50_us", "")), fmt(r.get("p99_us", "")), fmt(r.get("p999_us", "")),
         ", ".join(f"{k}={fmt(v)}" for k, v in other.items())))
-open(sys.argv[2], "w").write("\n".join(out) + "\n")
-print("\n".join(out))
+begin, end = "<!-- figures:begin -->", "<!-- figures:end -->"
+path = sys.argv[2]
+doc = open(path).read() if os.path.exists(path) else f"# Performance\n\n{begin}\n{end}\n"
+head, rest = doc.split(begin, 1)
+_, tail = rest.split(end, 1)
+open(path, "w").write(head + begin + "\n" + "\n".join(table) + "\n" + end + tail)
+print("\n".join(table))
 PY
