@@ -391,15 +391,9 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ended::Local;
                 }
             }
-            Event::Written(n) => {
-                for _ in 0..n {
-                    if tx
-                        .send(ShardMsg::Input(Input::Written { conn }))
-                        .await
-                        .is_err()
-                    {
-                        return Ended::Local;
-                    }
+            Event::Written(count) => {
+                if tx.send(ShardMsg::Written { conn, count }).await.is_err() {
+                    return Ended::Local;
                 }
             }
             Event::End(ended) => return ended,

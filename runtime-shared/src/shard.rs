@@ -31,6 +31,9 @@ pub(crate) enum ShardMsg {
     },
     /// Any other input; the routing entry goes with [`Input::Closed`].
     Input(Input),
+    /// One flush completed `count` sends of `conn`: that many [`Input::Written`], in one message
+    /// so a batch costs the channel one hand-off.
+    Written { conn: ConnKey, count: usize },
 }
 
 struct Shard {
@@ -57,6 +60,12 @@ impl Shard {
                 if let Some(conn) = closed {
                     self.conns.remove(&conn);
                 }
+            }
+            ShardMsg::Written { conn, count } => {
+                for _ in 0..count {
+                    self.relay.handle_input(now, Input::Written { conn });
+                }
+                self.drain();
             }
         }
     }
