@@ -28,7 +28,8 @@ pub fn run(settings: Settings) -> ExitCode {
             err = missing,
             "refusing_to_start"
         );
-        return ExitCode::from(EXIT_LISTENER);
+        // A setting the relay cannot honour yet is refused at boot like any other (§13).
+        return ExitCode::from(EXIT_CONFIG);
     }
     let listen = match resolve(&settings.listen) {
         Ok(addr) => addr,
