@@ -75,6 +75,12 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prints_as_the_number() {
+        let code = CloseCode::new(4401).unwrap();
+        assert_eq!(format!("{code} {code:?}"), "4401 4401");
+    }
+
+    #[test]
     fn wire_codes_item_42() {
         for bad in [0, 999, 1004, 1005, 1006, 1015, 2999, 5000] {
             assert_eq!(CloseCode::new(bad), None, "{bad}");

@@ -232,6 +232,103 @@ mod tests {
         assert_eq!(h.count, 3);
     }
 
+    /// A `Counters` whose every cell holds a distinct value derived from `seed`.
+    fn filled(seed: u64) -> Counters {
+        let mut n = seed;
+        let mut next = || {
+            n += 7;
+            n
+        };
+        let mut c = Counters {
+            connected_binaries: next(),
+            connected_phones: next(),
+            phone_outbox_bytes: next(),
+            binary_outbox_bytes: next(),
+            grace_expiries: next(),
+            ..Counters::default()
+        };
+        c.frames_forwarded.iter_mut().for_each(|x| *x = next());
+        c.frames_dropped.iter_mut().for_each(|x| *x = next());
+        c.ws_upgrade_attempts
+            .iter_mut()
+            .flatten()
+            .for_each(|x| *x = next());
+        c.register_failures.iter_mut().for_each(|x| *x = next());
+        c.connections_rejected.iter_mut().for_each(|x| *x = next());
+        c.push_wakes.iter_mut().for_each(|x| *x = next());
+        for h in &mut c.forward_latency {
+            h.buckets.iter_mut().for_each(|x| *x = next());
+            h.count = next();
+            h.sum_seconds = next() as f64;
+        }
+        c
+    }
+
+    #[test]
+    fn add_sums_every_cell() {
+        let (a, b) = (filled(1), filled(1000));
+        let mut sum = a.clone();
+        sum.add(&b);
+        let cells = |c: &Counters| -> Vec<f64> {
+            let mut v = vec![
+                c.connected_binaries,
+                c.connected_phones,
+                c.phone_outbox_bytes,
+                c.binary_outbox_bytes,
+                c.grace_expiries,
+            ];
+            v.extend(c.frames_forwarded);
+            v.extend(c.frames_dropped);
+            v.extend(c.ws_upgrade_attempts.iter().flatten());
+            v.extend(c.register_failures);
+            v.extend(c.connections_rejected);
+            v.extend(c.push_wakes);
+            let mut v: Vec<f64> = v.into_iter().map(|x| x as f64).collect();
+            for h in &c.forward_latency {
+                v.extend(h.buckets.iter().map(|x| *x as f64));
+                v.push(h.count as f64);
+                v.push(h.sum_seconds);
+            }
+            v
+        };
+        let expected: Vec<f64> = cells(&a)
+            .iter()
+            .zip(cells(&b))
+            .map(|(x, y)| x + y)
+            .collect();
+        assert_eq!(cells(&sum), expected);
+    }
+
+    #[test]
+    fn accessors_read_their_cell() {
+        let c = filled(3);
+        assert_eq!(c.forwarded(Direction::BinaryToPhone), c.frames_forwarded[1]);
+        assert_eq!(c.dropped(DropReason::PhoneGone), c.frames_dropped[6]);
+        assert_eq!(
+            c.upgrades(Endpoint::Client, UpgradeOutcome::Reject429),
+            c.ws_upgrade_attempts[1][4]
+        );
+        assert_eq!(
+            c.register_failed(RegisterFailure::Ratelimit),
+            c.register_failures[3]
+        );
+        assert_eq!(
+            c.rejected(RejectReason::Handshake),
+            c.connections_rejected[6]
+        );
+        assert_eq!(c.push(PushOutcome::Dropped), c.push_wakes[4]);
+    }
+
+    #[test]
+    fn histogram_sums_seconds() {
+        let mut h = Histogram::default();
+        h.observe(Duration::from_millis(250));
+        h.observe(Duration::from_millis(500));
+        assert!((h.sum_seconds - 0.75).abs() < 1e-12);
+        assert_eq!(h.buckets[10], 1, "0.25 s falls in the 0.25 bucket");
+        assert_eq!(h.buckets[11], 1, "0.5 s falls in the 0.5 bucket");
+    }
+
     #[test]
     fn upgrade_pairs_register_failure_item_68() {
         let mut c = Counters::default();

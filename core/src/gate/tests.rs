@@ -1142,3 +1142,29 @@ proptest! {
         prop_assert_eq!(h.gate.open_slots(), 0);
     }
 }
+
+#[test]
+fn load_adds_per_field_and_config_is_the_given_one() {
+    let mut load = Load {
+        binaries: 2,
+        phones: 5,
+    };
+    load += Load {
+        binaries: 3,
+        phones: 7,
+    };
+    assert_eq!(
+        load,
+        Load {
+            binaries: 5,
+            phones: 12
+        }
+    );
+    let config = Config {
+        max_head_size: 1234,
+        ..Config::default()
+    };
+    #[allow(clippy::disallowed_methods)] // a test clock origin
+    let gate = Gate::new(config.clone(), Instant::now());
+    assert_eq!(gate.config(), &config);
+}
