@@ -558,16 +558,8 @@ impl Relay {
         }
         let payload = frame.as_ref().map_or(0, Bytes::len);
         if c.outbox.charged() + payload + ITEM_OVERHEAD > budget {
-            let (items, released) = c.outbox.clear();
-            self.timers.cancel(&mut c.write);
-            self.counters.phone_outbox_bytes -= released as u64;
-            let lost = items
-                .iter()
-                .filter(|i| matches!(i, Item::Frame { .. }))
-                .count()
-                + 1;
-            self.counters.frames_dropped[DropReason::PhoneBacklogFull as usize] += lost as u64;
-            self.log_drop(DropReason::PhoneBacklogFull);
+            // Everything pending and the overflowing item are dropped (§10.1).
+            self.discard_queue(phone, DropReason::PhoneBacklogFull, 1);
             match close {
                 Some(code) => self.end_discarding(phone, code, "", None),
                 None => {
@@ -828,18 +820,7 @@ impl Relay {
     fn binary_gone(&mut self, binary: ConnKey, sid: &ServerId) {
         // At shutdown the queue is flushed before the 1001 close instead (decision C11).
         if !self.shutting_down {
-            let c = self.conns.get_mut(&binary).expect("holder is tracked");
-            let (items, released) = c.outbox.clear();
-            self.timers.cancel(&mut c.write);
-            self.counters.binary_outbox_bytes -= released as u64;
-            let lost = items
-                .iter()
-                .filter(|i| matches!(i, Item::Frame { .. }))
-                .count() as u64;
-            if lost > 0 {
-                self.counters.frames_dropped[DropReason::BinaryGone as usize] += lost;
-                self.log_drop(DropReason::BinaryGone);
-            }
+            self.discard_queue(binary, DropReason::BinaryGone, 0);
         }
         self.resume_phones_if_paused(sid, binary);
         let entry = self.ids.get_mut(sid).expect("holder's id has an entry");
@@ -949,34 +930,14 @@ impl Relay {
             self.conns.get_mut(&conn).expect("present").ending = true;
             self.departed(conn, Some(notice));
         }
-        let mut c = self.conns.remove(&conn).expect("present");
-        for slot in [
-            &mut c.ping,
-            &mut c.pong,
-            &mut c.read,
-            &mut c.write,
-            &mut c.close,
-        ] {
-            self.timers.cancel(slot);
-        }
-        let (items, released) = c.outbox.clear();
-        let lost = items
-            .iter()
-            .filter(|i| matches!(i, Item::Frame { .. }))
-            .count() as u64;
-        let reason = match c.kind {
-            Kind::Binary => {
-                self.counters.binary_outbox_bytes -= released as u64;
-                DropReason::BinaryGone
-            }
-            Kind::Phone { .. } => {
-                self.counters.phone_outbox_bytes -= released as u64;
-                DropReason::PhoneGone
-            }
+        let reason = match self.conns[&conn].kind {
+            Kind::Binary => DropReason::BinaryGone,
+            Kind::Phone { .. } => DropReason::PhoneGone,
         };
-        if lost > 0 {
-            self.counters.frames_dropped[reason as usize] += lost;
-            self.log_drop(reason);
+        self.discard_queue(conn, reason, 0);
+        let mut c = self.conns.remove(&conn).expect("present");
+        for slot in [&mut c.ping, &mut c.pong, &mut c.read, &mut c.close] {
+            self.timers.cancel(slot);
         }
         if c.is_registered_phone() {
             self.counters.connected_phones -= 1;
@@ -986,6 +947,26 @@ impl Relay {
         }
         self.live_ids.remove(&c.id);
         self.forget_if_idle(&c.server_id);
+    }
+
+    /// Forgets the messages queued on `conn` and releases their charge. The frames among them,
+    /// plus `unqueued` ones that never made it into the queue, count as dropped for `reason`.
+    fn discard_queue(&mut self, conn: ConnKey, reason: DropReason, unqueued: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else {
+            return;
+        };
+        let (items, released) = c.outbox.clear();
+        self.timers.cancel(&mut c.write);
+        match c.kind {
+            Kind::Binary => self.counters.binary_outbox_bytes -= released as u64,
+            Kind::Phone { .. } => self.counters.phone_outbox_bytes -= released as u64,
+        }
+        let frames = items.iter().filter(|i| matches!(i, Item::Frame { .. }));
+        let lost = frames.count() as u64 + unqueued;
+        if lost > 0 {
+            self.counters.frames_dropped[reason as usize] += lost;
+            self.log_drop(reason);
+        }
     }
 
     fn forget_if_idle(&mut self, sid: &ServerId) {
