@@ -180,9 +180,28 @@ mod tests {
     }
 
     #[test]
-    fn shard_is_stable() {
+    fn shard_is_stable_and_spreads() {
         let sid = ServerId::parse(b"abc").unwrap();
         assert_eq!(sid.stable_hash(), 0xe71fa2190541574b);
-        assert!(sid.shard(4) < 4);
+        assert_eq!(sid.shard(4), (0xe71fa2190541574b_u64 % 4) as usize);
+        let mut hit = [0usize; 4];
+        for i in 0..64 {
+            hit[ServerId::parse(format!("id-{i}").as_bytes())
+                .unwrap()
+                .shard(4)] += 1;
+        }
+        assert!(hit.iter().all(|&n| n > 0), "every shard gets ids: {hit:?}");
+    }
+
+    #[test]
+    fn ids_print_as_their_text() {
+        let sid = ServerId::parse(b"a\"b").unwrap();
+        assert_eq!(format!("{sid} {sid:?}"), r#"a"b "a\"b""#);
+        let id = ConnId::new(Side::Binary, &sid, 0xff);
+        assert_eq!(
+            format!("{id} {id:?}"),
+            r#"server-a"b-000000ff "server-a\"b-000000ff""#
+        );
+        assert_eq!(ConnKey(7).to_string(), "#7");
     }
 }

@@ -1008,3 +1008,20 @@ fn item_32_evicted_phones_free_their_cap_slot_at_once() {
     sim.finish(p, Ended::Local);
     assert_eq!(sim.counters().connected_phones, 1);
 }
+
+#[test]
+fn accessors_report_config_load_and_the_next_timer() {
+    let config = Config {
+        ping_interval: Duration::from_secs(7),
+        ..Config::default()
+    };
+    let mut sim = Sim::new(config.clone());
+    assert_eq!(sim.relay.config(), &config);
+    assert_eq!(sim.relay.next_timer(), None);
+    let (b, _p) = pair(&mut sim);
+    let load = sim.relay.load();
+    assert_eq!((load.binaries, load.phones), (1, 1));
+    let (at, timer) = sim.relay.next_timer().unwrap();
+    assert_eq!(at, sim.relay.poll_timeout().unwrap());
+    assert_eq!(*timer, switchyard_core::Timer::Ping(b));
+}
