@@ -56,7 +56,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::io::{AsyncRead, AsyncWrite};
 use switchyard_core::{Config, Counters, ServerId};
@@ -158,9 +158,8 @@ pub fn shard_seed(node_seed: &[u8; 32], index: usize) -> [u8; 32] {
     seed
 }
 
-/// How long a rejected request's input is read and discarded after the response, so closing
-/// does not reset the connection before the client read the response (PROTOCOL.md §2.1).
-pub const RESPONSE_LINGER: Duration = Duration::from_secs(1);
+/// The core's §2.1 linger after a non-101 response.
+pub use switchyard_core::RESPONSE_LINGER;
 
 #[cfg(test)]
 mod tests {

@@ -430,7 +430,7 @@ async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
     };
     let response = match http::metrics_route(&head.head) {
         MetricsRoute::Drop => return,
-        MetricsRoute::NotFound => http::NOT_FOUND.to_vec(),
+        MetricsRoute::NotFound => Response::not_found().bytes.to_vec(),
         MetricsRoute::Metrics => http::metrics_response(&(node.render_metrics)(&node.counters())),
     };
     if socket.write_all(&response).await.is_ok() {

@@ -39,6 +39,14 @@ impl std::ops::AddAssign for Load {
     }
 }
 
+impl Response {
+    /// The 404 every listener gives for a path it does not serve (§2.3), for listeners the gate
+    /// does not answer itself (metrics, ACME http-01).
+    pub fn not_found() -> Response {
+        response::Reject::NotFound.render(false)
+    }
+}
+
 /// How long a runtime keeps reading (and discarding) input after writing a non-101 response and
 /// shutting down its sending side, so the peer is not reset before it reads the answer (§2.1).
 pub const RESPONSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
