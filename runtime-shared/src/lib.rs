@@ -61,6 +61,7 @@ use std::time::Instant;
 use futures_util::io::{AsyncRead, AsyncWrite};
 use switchyard_core::{Config, Counters, ServerId};
 
+pub use futures_rustls::rustls;
 pub use node::{Handle, start};
 
 /// What a runtime crate supplies: threads, listeners, tasks and a timer. A value is a cheap
@@ -117,6 +118,23 @@ pub trait PushSink: Send + Sync + 'static {
     fn cancel(&self);
 }
 
+/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737). A connection that negotiates it
+/// has seen the challenge certificate and is closed after the handshake.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Answers http-01 challenges (RFC 8555 §8.3) from the ACME client's state.
+pub trait Http01Answers: Send + Sync + 'static {
+    /// The key authorization for `token`, if an authorization is waiting for it.
+    fn key_authorization(&self, token: &str) -> Option<String>;
+}
+
+/// The ACME http-01 listener (`--acme-http-listen`, PROTOCOL.md §2.1).
+#[derive(Clone)]
+pub struct AcmeHttp {
+    pub listen: SocketAddr,
+    pub answers: Arc<dyn Http01Answers>,
+}
+
 /// How to run a node.
 #[derive(Clone)]
 pub struct Options {
@@ -134,6 +152,11 @@ pub struct Options {
     /// Performs push wakes; `None` when push is off. `config.push_enabled` should be set
     /// exactly when this is `Some` (a wake the core admits without a sink is ignored).
     pub push: Option<Arc<dyn PushSink>>,
+    /// TLS on the main listener; `None` serves plain HTTP. A config whose ALPN list offers
+    /// [`ACME_TLS_ALPN`] gets TLS-ALPN-01 validations closed after their handshake.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The http-01 listener; `None` when off.
+    pub acme_http: Option<AcmeHttp>,
 }
 
 impl fmt::Debug for Options {
@@ -144,6 +167,8 @@ impl fmt::Debug for Options {
             .field("workers", &self.workers)
             .field("config", &self.config)
             .field("push", &self.push.is_some())
+            .field("tls", &self.tls.is_some())
+            .field("acme_http", &self.acme_http.as_ref().map(|a| a.listen))
             .finish_non_exhaustive()
     }
 }

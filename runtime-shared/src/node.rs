@@ -1,11 +1,12 @@
 //! The node: listeners, admission through the gate, connection tasks, and the [`Handle`].
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::Sender;
 use async_tungstenite::WebSocketStream;
@@ -18,13 +19,16 @@ use crate::driver::{self, ConnDriver, Event};
 use crate::future::{race, sleep, timeout, yield_now};
 use crate::gate::SharedGate;
 use crate::head::{Head, read_head};
-use crate::http::{self, MetricsRoute};
+use crate::http::{self, AcmeRoute, MetricsRoute};
 use crate::published::Published;
 use crate::queue::ConnQueue;
 use crate::scanner::Watched;
 use crate::shard::{self, ShardMsg};
 use crate::signal::{self, Alive, Done, Flag};
-use crate::{Executor, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed};
+use crate::{
+    ACME_TLS_ALPN, Executor, Http01Answers, Options, PushSink, RESPONSE_LINGER, RenderMetrics,
+    Threads, shard_seed,
+};
 
 /// Inputs a shard's channel holds before connections wait (backpressure on reading).
 const SHARD_CHANNEL: usize = 1024;
@@ -51,6 +55,8 @@ struct Node<E> {
     stopping: Flag,
     render_metrics: RenderMetrics,
     push: Option<Arc<dyn PushSink>>,
+    tls: Option<futures_rustls::TlsAcceptor>,
+    acme_answers: Option<Arc<dyn Http01Answers>>,
 }
 
 impl<E: Executor> Node<E> {
@@ -89,6 +95,7 @@ pub struct Handle<E: Executor> {
     node: Arc<Node<E>>,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    acme_http_addr: Option<SocketAddr>,
     /// Done once every shard task has ended.
     shards_done: Done,
     /// Done once every listener task has ended.
@@ -100,11 +107,12 @@ impl<E: Executor> std::fmt::Debug for Handle<E> {
         f.debug_struct("Handle")
             .field("local_addr", &self.local_addr)
             .field("metrics_addr", &self.metrics_addr)
+            .field("acme_http_addr", &self.acme_http_addr)
             .finish_non_exhaustive()
     }
 }
 
-/// Binds both listeners (a bind error is returned at once) and starts the node on `workers`
+/// Binds every listener (a bind error is returned at once) and starts the node on `workers`
 /// threads of the executor `E`.
 pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
     let workers = options.workers.max(1);
@@ -113,11 +121,17 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         .metrics_listen
         .map(std::net::TcpListener::bind)
         .transpose()?;
+    let acme_http = options
+        .acme_http
+        .as_ref()
+        .map(|a| std::net::TcpListener::bind(a.listen))
+        .transpose()?;
     let local_addr = main.local_addr()?;
     let metrics_addr = metrics.as_ref().map(|m| m.local_addr()).transpose()?;
+    let acme_http_addr = acme_http.as_ref().map(|a| a.local_addr()).transpose()?;
     main.set_nonblocking(true)?;
-    if let Some(m) = &metrics {
-        m.set_nonblocking(true)?;
+    for l in metrics.iter().chain(acme_http.iter()) {
+        l.set_nonblocking(true)?;
     }
     let node_seed = match options.seed {
         Some(seed) => seed,
@@ -130,6 +144,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
     let (exec, threads) = E::launch(workers)?;
     let main = exec.listener(main)?;
     let metrics = metrics.map(|m| exec.listener(m)).transpose()?;
+    let acme_http = acme_http.map(|a| exec.listener(a)).transpose()?;
 
     let mut shards = Vec::with_capacity(workers);
     let mut receivers = Vec::with_capacity(workers);
@@ -150,6 +165,8 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         stopping: Flag::default(),
         render_metrics: options.render_metrics,
         push: options.push,
+        tls: options.tls.map(futures_rustls::TlsAcceptor::from),
+        acme_answers: options.acme_http.map(|a| a.answers),
     });
     let (shard_alive, shards_done) = signal::latch();
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -173,11 +190,16 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         let alive = listener_alive.clone();
         exec.spawn(accept_loop(m, node.clone(), Listener::Metrics, alive));
     }
+    if let Some(a) = acme_http {
+        let alive = listener_alive.clone();
+        exec.spawn(accept_loop(a, node.clone(), Listener::AcmeHttp, alive));
+    }
     Ok(Handle {
         threads: Some(threads),
         node,
         local_addr,
         metrics_addr,
+        acme_http_addr,
         shards_done,
         listeners_done,
     })
@@ -192,6 +214,11 @@ impl<E: Executor> Handle<E> {
     /// The metrics listener's bound address, if it is on.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The http-01 listener's bound address, if it is on.
+    pub fn acme_http_addr(&self) -> Option<SocketAddr> {
+        self.acme_http_addr
     }
 
     /// The node's counters: the gate's and every shard's, summed.
@@ -254,6 +281,7 @@ impl<E: Executor> Handle<E> {
 enum Listener {
     Main,
     Metrics,
+    AcmeHttp,
 }
 
 async fn accept_loop<E: Executor>(
@@ -275,6 +303,7 @@ async fn accept_loop<E: Executor>(
                 match kind {
                     Listener::Main => node.exec.clone().spawn(serve_main(node, stream, peer)),
                     Listener::Metrics => node.exec.clone().spawn(serve_metrics(node, stream)),
+                    Listener::AcmeHttp => node.exec.clone().spawn(serve_acme_http(node, stream)),
                 }
             }
             Some(Err(e)) => {
@@ -288,29 +317,70 @@ async fn accept_loop<E: Executor>(
     drop(alive);
 }
 
-/// Reads the request head within the header timeout; `None`: timed out, ended, failed, or the
-/// node is stopping. The connection is then closed writing nothing.
-async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Head> {
+/// The end of a connection's header timeout, counted from its accept (stage 0).
+fn head_deadline<E: Executor>(node: &Node<E>) -> Instant {
+    let now = E::now();
+    now.checked_add(node.config.header_timeout).unwrap_or(now)
+}
+
+/// `f`'s output, or `None` at `deadline` or once the node is stopping.
+async fn before<E: Executor, T>(
+    node: &Node<E>,
+    deadline: Instant,
+    f: impl Future<Output = Option<T>>,
+) -> Option<T> {
     if node.stopping.is_set() {
         return None;
     }
-    let read = async {
-        timeout::<E, _>(
-            node.config.header_timeout,
-            read_head(socket, node.config.max_head_size),
-        )
-        .await?
-        .ok()?
-    };
+    let limit = deadline.saturating_duration_since(E::now());
+    let work = async { timeout::<E, _>(limit, f).await.flatten() };
     let stopped = async {
         node.stopping.wait().await;
         None
     };
-    race(read, stopped).await
+    race(work, stopped).await
 }
 
-async fn serve_main<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, peer: SocketAddr) {
-    let Some(Head { head, rest }) = head(&node, &mut socket).await else {
+/// Reads the request head before `deadline`; `None`: timed out, ended, failed, or the node is
+/// stopping. The connection is then closed writing nothing.
+async fn head<E: Executor, S: AsyncRead + Unpin>(
+    node: &Node<E>,
+    socket: &mut S,
+    deadline: Instant,
+) -> Option<Head> {
+    before(node, deadline, async {
+        read_head(socket, node.config.max_head_size).await.ok()?
+    })
+    .await
+}
+
+async fn serve_main<E: Executor>(node: Arc<Node<E>>, socket: E::Stream, peer: SocketAddr) {
+    let deadline = head_deadline(&node);
+    match &node.tls {
+        None => serve_http(node, socket, peer, deadline).await,
+        Some(acceptor) => {
+            let handshake = async { acceptor.accept(socket).await.ok() };
+            let Some(mut tls) = before(&node, deadline, handshake).await else {
+                return;
+            };
+            if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+                // A TLS-ALPN-01 validation: the handshake was all it needed (RFC 8737 §3).
+                let _ = before(&node, deadline, async { tls.close().await.ok() }).await;
+                return;
+            }
+            serve_http(node, tls, peer, deadline).await
+        }
+    }
+}
+
+/// Stages 0 (the head) to 8 on a plain or TLS stream.
+async fn serve_http<E: Executor, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    node: Arc<Node<E>>,
+    mut socket: S,
+    peer: SocketAddr,
+    deadline: Instant,
+) {
+    let Some(Head { head, rest }) = head(&node, &mut socket, deadline).await else {
         return;
     };
     let verdict = node.handle_head(peer.ip().to_canonical(), &head);
@@ -403,7 +473,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
 
 /// After a response: shut down the sending side, discard input for up to a second, close
 /// (§2.1). Shutdown of the node cuts it short.
-async fn linger<E: Executor>(node: &Node<E>, mut socket: E::Stream) {
+async fn linger<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(node: &Node<E>, mut socket: S) {
     if socket.close().await.is_err() {
         return;
     }
@@ -425,7 +495,8 @@ async fn linger<E: Executor>(node: &Node<E>, mut socket: E::Stream) {
 }
 
 async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
-    let Some(head) = head(&node, &mut socket).await else {
+    let deadline = head_deadline(&node);
+    let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
     let response = match http::metrics_route(&head.head) {
@@ -433,6 +504,26 @@ async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
         MetricsRoute::NotFound => Response::not_found().bytes.to_vec(),
         MetricsRoute::Metrics => http::metrics_response(&(node.render_metrics)(&node.counters())),
     };
+    if socket.write_all(&response).await.is_ok() {
+        linger(&node, socket).await;
+    }
+}
+
+/// The http-01 listener (§2.1): key authorizations under `/.well-known/acme-challenge/`, the
+/// 404 of §2.3 for everything else, under the main listener's head rules.
+async fn serve_acme_http<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
+    let deadline = head_deadline(&node);
+    let Some(head) = head(&node, &mut socket, deadline).await else {
+        return;
+    };
+    let answer = match (http::acme_route(&head.head), &node.acme_answers) {
+        (AcmeRoute::Drop, _) => return,
+        (AcmeRoute::Challenge { token, head_only }, Some(answers)) => answers
+            .key_authorization(&token)
+            .map(|key_auth| http::acme_response(&key_auth, head_only)),
+        (AcmeRoute::NotFound | AcmeRoute::Challenge { .. }, _) => None,
+    };
+    let response = answer.unwrap_or_else(|| Response::not_found().bytes.to_vec());
     if socket.write_all(&response).await.is_ok() {
         linger(&node, socket).await;
     }

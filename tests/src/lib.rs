@@ -171,6 +171,8 @@ pub mod runtimes {
             seed: Some([42; 32]),
             render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
             push,
+            tls: None,
+            acme_http: None,
         })
         .expect("start the runtime");
         let addr = handle.local_addr();
