@@ -88,6 +88,10 @@ struct Flags {
     /// http-01 challenge listener, ACME mode only; "" = TLS-ALPN-01 only [default: ""]
     #[arg(long, visible_alias = "http-listen", value_name = "ADDR")]
     acme_http_listen: Option<String>,
+    /// PEM CA certificate(s) trusted for the ACME directory's HTTPS instead of the public roots
+    /// (a private ACME server); off by default
+    #[arg(long, value_name = "PATH")]
+    acme_ca_file: Option<String>,
     /// ACME certificate cache directory [default: $HOME/.switchyard/certs]
     #[arg(long, value_name = "DIR")]
     cert_cache: Option<String>,
@@ -354,6 +358,9 @@ pub struct Acme {
     pub http_listen: Option<ListenAddr>,
     pub http_proxy_protocol: bool,
     pub cert_cache: PathBuf,
+    /// `--acme-ca-file`: the only roots trusted for the directory's HTTPS; `None` = the public
+    /// web PKI roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// A value that must never reach a log line or an error message. `Debug` prints a placeholder.
@@ -551,6 +558,8 @@ pub enum BootError {
     },
     /// `--acme-http-listen` outside ACME mode.
     AcmeHttpWithoutAcme,
+    /// `--acme-ca-file` outside ACME mode.
+    AcmeCaWithoutAcme,
     /// ACME mode with no `--cert-cache` and no `HOME`.
     CertCacheUnset,
     Credentials {
@@ -582,6 +591,7 @@ impl BootError {
             BootError::TlsPairIncomplete { .. } => "tls_pair_incomplete",
             BootError::TlsFile { .. } => "tls_file",
             BootError::AcmeHttpWithoutAcme => "acme_http_without_acme",
+            BootError::AcmeCaWithoutAcme => "acme_ca_without_acme",
             BootError::CertCacheUnset => "cert_cache_unset",
             BootError::Credentials { .. } => "fcm_credentials",
             BootError::Production(ProductionRefusal::PlainNonLoopback { .. }) => {
@@ -642,6 +652,7 @@ impl BootError {
             BootError::AcmeHttpWithoutAcme => {
                 "--acme-http-listen is set but ACME mode is off".to_owned()
             }
+            BootError::AcmeCaWithoutAcme => "--acme-ca-file is set but ACME mode is off".to_owned(),
             BootError::CertCacheUnset => {
                 "ACME mode needs a certificate cache but HOME is not set".to_owned()
             }
@@ -702,12 +713,23 @@ impl BootError {
                 ..
             } => "check the path and its permissions".to_owned(),
             BootError::TlsFile {
+                origin,
+                problem: TlsFileProblem::NotPem,
+            } if origin.to_string().contains("ACME_CA_FILE")
+                || origin.to_string().contains("acme-ca-file") =>
+            {
+                "give a file of PEM CA certificates".to_owned()
+            }
+            BootError::TlsFile {
                 problem: TlsFileProblem::NotPem,
                 ..
             } => "give a PEM certificate chain to --tls-cert and a PEM private key to --tls-key"
                 .to_owned(),
             BootError::AcmeHttpWithoutAcme => {
                 "give --domain without --tls-cert, or drop --acme-http-listen".to_owned()
+            }
+            BootError::AcmeCaWithoutAcme => {
+                "give --domain without --tls-cert, or drop --acme-ca-file".to_owned()
             }
             BootError::CertCacheUnset => "give --cert-cache DIR".to_owned(),
             BootError::Credentials {
@@ -1174,10 +1196,20 @@ impl Resolver<'_> {
         let http_proxy_protocol = self
             .flag_bool("acme-http-proxy-protocol", f.acme_http_proxy_protocol)?
             .unwrap_or(false);
+        let ca_file = match self.pick("acme-ca-file", f.acme_ca_file.take()) {
+            Some(s) => {
+                check_pem(&s, &["CERTIFICATE"])?;
+                Some(PathBuf::from(s.raw))
+            }
+            None => None,
+        };
 
         let acme_mode = files.is_none() && !domains.is_empty();
         if http_listen.is_some() && !acme_mode {
             return Err(BootError::AcmeHttpWithoutAcme);
+        }
+        if ca_file.is_some() && !acme_mode {
+            return Err(BootError::AcmeCaWithoutAcme);
         }
         let tls = match files {
             Some((cert, key)) => Tls::Files { cert, key },
@@ -1196,6 +1228,7 @@ impl Resolver<'_> {
                     http_listen,
                     http_proxy_protocol,
                     cert_cache,
+                    ca_file,
                 })
             }
             None => Tls::Off,
@@ -1802,6 +1835,7 @@ mod tests {
                 http_listen: Some(ListenAddr::Ip("0.0.0.0:8081".parse().unwrap())),
                 http_proxy_protocol: true,
                 cert_cache: "/var/cache/sy".into(),
+                ca_file: None,
             })
         );
         let push = s.push.unwrap();
@@ -1987,6 +2021,61 @@ mod tests {
         );
         assert_eq!(acme.cert_cache, Path::new("/h/.switchyard/certs"));
         assert_eq!(acme.directory, DEFAULT_ACME_DIRECTORY);
+    }
+
+    #[test]
+    fn acme_ca_file_flag_and_env() {
+        let pem = "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n";
+        let ca = tmp_file("ca.pem", pem);
+        let acme_of = |s: Settings| match s.tls {
+            Tls::Acme(a) => a,
+            other => panic!("not ACME: {other:?}"),
+        };
+        let home = [("HOME", "/h")];
+        let a = acme_of(ok(&["--domain", "a.example"], &home));
+        assert_eq!(a.ca_file, None, "off by default");
+        let a = acme_of(ok(&["--domain", "a.example", "--acme-ca-file", &ca], &home));
+        assert_eq!(a.ca_file.as_deref(), Some(Path::new(&ca)));
+        let env = [("HOME", "/h"), ("SWITCHYARD_ACME_CA_FILE", ca.as_str())];
+        let a = acme_of(ok(&["--domain", "a.example"], &env));
+        assert_eq!(a.ca_file.as_deref(), Some(Path::new(&ca)));
+
+        // Outside ACME mode, missing, or holding no certificate: refused.
+        let e = err(&["--acme-ca-file", &ca], &home);
+        assert_eq!(e, BootError::AcmeCaWithoutAcme);
+        assert_eq!(e.reason(), "acme_ca_without_acme");
+        let e = err(
+            &[
+                "--domain",
+                "a.example",
+                "--acme-ca-file",
+                "/nonexistent/ca.pem",
+            ],
+            &home,
+        );
+        assert_eq!(
+            e,
+            BootError::TlsFile {
+                origin: flag("--acme-ca-file"),
+                problem: TlsFileProblem::Unreadable
+            }
+        );
+        let key = tmp_file(
+            "key.pem",
+            "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
+        );
+        let e = err(
+            &["--domain", "a.example"],
+            &[("HOME", "/h"), ("SWITCHYARD_ACME_CA_FILE", key.as_str())],
+        );
+        assert_eq!(
+            e,
+            BootError::TlsFile {
+                origin: var("SWITCHYARD_ACME_CA_FILE"),
+                problem: TlsFileProblem::NotPem
+            }
+        );
+        assert!(e.fix().contains("PEM CA certificates"), "{}", e.fix());
     }
 
     // Boot refusals of §14.3.

@@ -2,6 +2,7 @@
 //! (PROTOCOL.md §14), the `/metrics` text (§12) and log lines (§15). The I/O runtime that drives
 //! `switchyard-core` plugs in at [`run`].
 
+pub mod acme;
 pub mod cli;
 pub mod logging;
 pub mod metrics;

@@ -9,9 +9,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use switchyard_core::Config;
 use switchyard_push::{FcmSettings, KeyError, Pusher, SigningKey};
-use switchyard_runtime::{Executor, Handle, Options, PushSink};
+use switchyard_runtime::{AcmeHttp, Executor, Handle, Options, PushSink};
 
-use crate::cli::{ListenAddr, Push, Runtime, Settings, Tls};
+use crate::acme::{self, Prepared};
+use crate::cli::{ListenAddr, ProcessIdentity, Push, Runtime, Settings, Tls};
 use crate::metrics::{MetricsOptions, render};
 
 /// Exit code 1: a listener could not be bound, or the node cannot run as configured (§13).
@@ -69,6 +70,29 @@ pub fn run(settings: Settings) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let acme = match &settings.tls {
+        Tls::Acme(a) => match prepare_acme(a) {
+            Ok(parts) => Some(parts),
+            Err(code) => return code,
+        },
+        Tls::Off | Tls::Files { .. } => None,
+    };
+    let acme_http = match (&settings.tls, &acme) {
+        (Tls::Acme(a), Some(parts)) => match (&a.http_listen, &parts.http01) {
+            (Some(listen), Some(answers)) => match resolve(listen) {
+                Ok(listen) => Some(AcmeHttp {
+                    listen,
+                    answers: answers.clone(),
+                }),
+                Err(e) => {
+                    tracing::error!(listen = %listen, err = bind_error(&e), "refusing_to_start");
+                    return ExitCode::from(EXIT_LISTENER);
+                }
+            },
+            _ => None,
+        },
+        _ => None,
+    };
     let metrics = MetricsOptions::from_settings(&settings);
     let options = Options {
         listen,
@@ -78,12 +102,16 @@ pub fn run(settings: Settings) -> ExitCode {
         seed: None,
         render_metrics: Arc::new(move |c| render(c, &metrics)),
         push,
-        tls: None,
-        acme_http: None,
+        tls: acme.as_ref().map(|a| a.tls.clone()),
+        acme_http,
     };
     let started = match settings.runtime {
-        Runtime::Tokio => switchyard_tokio::start(options).map(|h| serve(&settings, h, signals)),
-        Runtime::Smol => switchyard_smol::start(options).map(|h| serve(&settings, h, signals)),
+        Runtime::Tokio => {
+            switchyard_tokio::start(options).map(|h| serve(&settings, h, signals, acme))
+        }
+        Runtime::Smol => {
+            switchyard_smol::start(options).map(|h| serve(&settings, h, signals, acme))
+        }
     };
     match started {
         Ok(code) => code,
@@ -99,14 +127,35 @@ pub fn run(settings: Settings) -> ExitCode {
 }
 
 /// Serves on a started node until SIGTERM or SIGINT, then drains.
-fn serve<E: Executor>(settings: &Settings, handle: Handle<E>, mut signals: Signals) -> ExitCode {
+fn serve<E: Executor>(
+    settings: &Settings,
+    handle: Handle<E>,
+    mut signals: Signals,
+    acme: Option<acme::AcmeParts>,
+) -> ExitCode {
     let metrics_addr = handle
         .metrics_addr()
         .map_or_else(|| "off".to_owned(), |a| a.to_string());
+    // The ACME state starts once the listeners are bound, so a validation finds them.
+    let acme = match acme.map(acme::AcmeParts::run).transpose() {
+        Ok(runner) => runner,
+        Err(_) => {
+            tracing::error!(err = "cannot start the ACME thread", "refusing_to_start");
+            handle.shutdown();
+            handle.wait();
+            return ExitCode::from(EXIT_LISTENER);
+        }
+    };
+    let mode = match (&settings.tls, handle.acme_http_addr()) {
+        (Tls::Off, _) => "http",
+        (Tls::Files { .. }, _) => "tls",
+        (Tls::Acme(_), None) => "acme_tls_alpn",
+        (Tls::Acme(_), Some(_)) => "acme_http01",
+    };
     tracing::info!(
         listen = %handle.local_addr(),
         addr = metrics_addr.as_str(),
-        mode = "http",
+        mode,
         runtime = settings.runtime.as_str(),
         workers = settings.workers.get(),
         version = settings.config.version.as_str(),
@@ -132,6 +181,9 @@ fn serve<E: Executor>(settings: &Settings, handle: Handle<E>, mut signals: Signa
         std::thread::sleep(delay);
     }
     handle.shutdown();
+    if let Some(acme) = acme {
+        acme.stop();
+    }
     handle.wait();
     tracing::info!("shutdown_complete");
     drop(signals);
@@ -153,10 +205,52 @@ pub fn pusher(push: &Push, config: &Config) -> Result<Arc<dyn PushSink>, KeyErro
     Ok(Arc::new(Pusher::new(fcm, config)))
 }
 
+/// Checks the CA file (exit 2, a refused configuration) and the certificate cache (exit 1 if
+/// unusable, §13), and builds the ACME state.
+fn prepare_acme(acme: &crate::Acme) -> Result<acme::AcmeParts, ExitCode> {
+    let roots = match &acme.ca_file {
+        None => None,
+        Some(path) => match acme::load_ca_file(path) {
+            Some(roots) => Some(roots),
+            None => {
+                tracing::error!(
+                    reason = "acme_ca_file",
+                    err = "--acme-ca-file holds no usable CA certificate",
+                    "refusing_to_start"
+                );
+                return Err(ExitCode::from(EXIT_CONFIG));
+            }
+        },
+    };
+    match acme::prepare_cache(&acme.cert_cache, ProcessIdentity::current().euid) {
+        Ok(Prepared::Ready) => {}
+        Ok(Prepared::Tightened) => {
+            tracing::warn!(
+                outcome = "tightened",
+                err = "the certificate cache directory was open to others; set to mode 0700",
+                "acme_cert_cache"
+            );
+        }
+        Err(problem) => {
+            tracing::error!(
+                reason = "cert_cache",
+                err = problem.text(),
+                "refusing_to_start"
+            );
+            return Err(ExitCode::from(EXIT_LISTENER));
+        }
+    }
+    Ok(acme::build(acme, roots))
+}
+
 /// What the settings ask for that this build cannot do yet.
 fn not_yet_supported(settings: &Settings) -> Option<&'static str> {
-    if !matches!(settings.tls, Tls::Off) {
-        return Some("TLS is not implemented yet");
+    match &settings.tls {
+        Tls::Files { .. } => return Some("TLS from files is not implemented yet"),
+        Tls::Acme(a) if a.http_proxy_protocol => {
+            return Some("the PROXY protocol is not implemented yet");
+        }
+        Tls::Acme(_) | Tls::Off => {}
     }
     if settings.proxy_protocol {
         return Some("the PROXY protocol is not implemented yet");

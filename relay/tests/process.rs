@@ -188,3 +188,151 @@ fn bad_flag_exits_2() {
         Some(2)
     );
 }
+
+/// ACME-mode arguments with an unreachable directory: the node starts, orders fail (logged).
+fn acme_args<'a>(cache: &'a str, main: &'a str) -> Vec<&'a str> {
+    vec![
+        "--domain",
+        "relay.example.com",
+        "--acme-directory",
+        "https://127.0.0.1:1/dir",
+        "--cert-cache",
+        cache,
+        "--listen",
+        main,
+        "--metrics-listen",
+        "",
+    ]
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("process-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+fn mode(p: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777
+}
+
+fn run_output(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("FLY_APP_NAME")
+        .env_remove("PYRYCODE_RELAY_PRODUCTION")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run switchyard")
+}
+
+#[test]
+fn unusable_cert_cache_exits_1() {
+    let dir = scratch("cache-unusable");
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let (main, _) = ports();
+    let main = main.to_string();
+    for cache in [file.clone(), file.join("below")] {
+        let out = run_output(&acme_args(cache.to_str().unwrap(), &main));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{cache:?}: {err}");
+        assert!(err.contains("reason=cert_cache"), "{err}");
+        assert!(!err.contains("msg=listening"), "{err}");
+    }
+    // Owned by another user: only root can make one here.
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    });
+    if root {
+        let foreign = dir.join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(
+            &foreign,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let out = run_output(&acme_args(foreign.to_str().unwrap(), &main));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("not owned by the effective uid"), "{err}");
+        assert_eq!(mode(&foreign), 0o755, "a foreign cache is left alone");
+    } else {
+        eprintln!("not root: the foreign-owner case is covered by the unit tests only");
+    }
+}
+
+#[test]
+fn open_cert_cache_is_tightened_and_a_missing_one_created_0700() {
+    let dir = scratch("cache-modes");
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o775)).unwrap();
+    let fresh = dir.join("fresh").join("certs");
+    for (cache, log) in [(&open, "outcome=tightened"), (&fresh, "msg=listening")] {
+        let (main, _) = ports();
+        let main = main.to_string();
+        let mut child = Command::new(BIN)
+            .args(acme_args(cache.to_str().unwrap(), &main))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(main.as_str()).is_err() {
+            assert!(Instant::now() < deadline, "never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(mode(cache), 0o700, "{cache:?}");
+        signal(&child, "TERM");
+        assert_eq!(
+            wait_exit(&mut child, Duration::from_secs(10)).code(),
+            Some(0)
+        );
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(err.contains(log), "{err}");
+        assert!(err.contains("mode=acme_tls_alpn"), "{err}");
+    }
+}
+
+#[test]
+fn acme_refusals_exit_2() {
+    let dir = scratch("acme-refusals");
+    // Looks like PEM but holds no certificate a root store takes.
+    let bad_ca = dir.join("bad-ca.pem");
+    std::fs::write(
+        &bad_ca,
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let cache = dir.join("certs");
+    let (main, _) = ports();
+    let main = main.to_string();
+    let mut with_ca = acme_args(cache.to_str().unwrap(), &main);
+    with_ca.extend(["--acme-ca-file", bad_ca.to_str().unwrap()]);
+    let mut proxied = acme_args(cache.to_str().unwrap(), &main);
+    proxied.extend([
+        "--acme-http-listen",
+        "127.0.0.1:1",
+        "--acme-http-proxy-protocol",
+    ]);
+    for (args, expect) in [
+        (with_ca, "reason=acme_ca_file"),
+        (proxied, "reason=not_implemented"),
+    ] {
+        let out = run_output(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect), "{err}");
+    }
+}
