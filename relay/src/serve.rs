@@ -78,6 +78,7 @@ pub fn run(settings: Settings) -> ExitCode {
         seed: None,
         render_metrics: Arc::new(move |c| render(c, &metrics)),
         push,
+        tls: None,
     };
     let started = match settings.runtime {
         Runtime::Tokio => switchyard_tokio::start(options).map(|h| serve(&settings, h, signals)),

@@ -49,6 +49,7 @@ pub mod scanner;
 mod shard;
 mod signal;
 mod sync;
+pub mod tls;
 
 use std::fmt;
 use std::future::Future;
@@ -62,6 +63,8 @@ use futures_util::io::{AsyncRead, AsyncWrite};
 use switchyard_core::{Config, Counters, ServerId};
 
 pub use node::{Handle, start};
+/// The rustls this crate speaks, for building [`Options::tls`].
+pub use rustls;
 
 /// What a runtime crate supplies: threads, listeners, tasks and a timer. A value is a cheap
 /// handle to the running executor, cloned into tasks; it must not keep the threads alive (that is
@@ -134,6 +137,9 @@ pub struct Options {
     /// Performs push wakes; `None` when push is off. `config.push_enabled` should be set
     /// exactly when this is `Some` (a wake the core admits without a sink is ignored).
     pub push: Option<Arc<dyn PushSink>>,
+    /// TLS on the main listener (built with [`tls::server_config`]); `None`: plain HTTP/1.1.
+    /// The metrics listener is always plain.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl fmt::Debug for Options {
@@ -144,6 +150,7 @@ impl fmt::Debug for Options {
             .field("workers", &self.workers)
             .field("config", &self.config)
             .field("push", &self.push.is_some())
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }

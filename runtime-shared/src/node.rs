@@ -5,17 +5,19 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::Sender;
 use async_tungstenite::WebSocketStream;
+use futures_rustls::TlsAcceptor;
+use futures_rustls::server::TlsStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use switchyard_core::{
     Config, ConnKey, Counters, Ended, Gate, Input, Load, Response, Slot, Verdict,
 };
 
 use crate::driver::{self, ConnDriver, Event};
-use crate::future::{race, sleep, timeout, yield_now};
+use crate::future::{race, sleep, timeout, until, yield_now};
 use crate::gate::SharedGate;
 use crate::head::{Head, read_head};
 use crate::http::{self, MetricsRoute};
@@ -24,6 +26,7 @@ use crate::queue::ConnQueue;
 use crate::scanner::Watched;
 use crate::shard::{self, ShardMsg};
 use crate::signal::{self, Alive, Done, Flag};
+use crate::tls::{self, Negotiated};
 use crate::{Executor, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed};
 
 /// Inputs a shard's channel holds before connections wait (backpressure on reading).
@@ -51,6 +54,8 @@ struct Node<E> {
     stopping: Flag,
     render_metrics: RenderMetrics,
     push: Option<Arc<dyn PushSink>>,
+    /// TLS on the main listener; `None`: plain HTTP.
+    tls: Option<TlsAcceptor>,
 }
 
 impl<E: Executor> Node<E> {
@@ -150,6 +155,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         stopping: Flag::default(),
         render_metrics: options.render_metrics,
         push: options.push,
+        tls: options.tls.map(TlsAcceptor::from),
     });
     let (shard_alive, shards_done) = signal::latch();
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -288,19 +294,29 @@ async fn accept_loop<E: Executor>(
     drop(alive);
 }
 
-/// Reads the request head within the header timeout; `None`: timed out, ended, failed, or the
-/// node is stopping. The connection is then closed writing nothing.
-async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Head> {
+/// The end of stage 0 (§3): `header_timeout` from now, for a connection just accepted. Every
+/// transport step and the request head must be done by then.
+fn stage0_deadline<E: Executor>(config: &Config) -> Instant {
+    let now = E::now();
+    // A limit too far to represent never fires in practice.
+    now.checked_add(config.header_timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+/// Reads the request head by `deadline`; `None`: timed out, ended, failed, or the node is
+/// stopping. The connection is then closed writing nothing.
+async fn head<E: Executor, S: AsyncRead + Unpin>(
+    node: &Node<E>,
+    socket: &mut S,
+    deadline: Instant,
+) -> Option<Head> {
     if node.stopping.is_set() {
         return None;
     }
     let read = async {
-        timeout::<E, _>(
-            node.config.header_timeout,
-            read_head(socket, node.config.max_head_size),
-        )
-        .await?
-        .ok()?
+        until::<E, _>(deadline, read_head(socket, node.config.max_head_size))
+            .await?
+            .ok()?
     };
     let stopped = async {
         node.stopping.wait().await;
@@ -309,8 +325,50 @@ async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Hea
     race(read, stopped).await
 }
 
-async fn serve_main<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, peer: SocketAddr) {
-    let Some(Head { head, rest }) = head(&node, &mut socket).await else {
+async fn serve_main<E: Executor>(node: Arc<Node<E>>, socket: E::Stream, peer: SocketAddr) {
+    let deadline = stage0_deadline::<E>(&node.config);
+    match node.tls.clone() {
+        None => serve_http(node, socket, peer, deadline).await,
+        Some(acceptor) => {
+            if let Some(tls) = handshake(&node, &acceptor, socket, deadline).await {
+                serve_http(node, tls, peer, deadline).await;
+            }
+        }
+    }
+}
+
+/// Stage 0's TLS step: the handshake, by the same `deadline` as the head. `None`: it failed
+/// (rustls has written its alert, if any), timed out, the node is stopping, or it was a
+/// TLS-ALPN-01 validation, now answered. The connection is then closed.
+async fn handshake<E: Executor>(
+    node: &Node<E>,
+    acceptor: &TlsAcceptor,
+    socket: E::Stream,
+    deadline: Instant,
+) -> Option<TlsStream<E::Stream>> {
+    let accept = async { until::<E, _>(deadline, acceptor.accept(socket)).await?.ok() };
+    let stopped = async {
+        node.stopping.wait().await;
+        None
+    };
+    let mut stream = race(accept, stopped).await?;
+    match tls::negotiated(stream.get_ref().1.alpn_protocol()) {
+        Negotiated::Http => Some(stream),
+        Negotiated::AcmeChallenge => {
+            let _ = until::<E, _>(deadline, stream.close()).await;
+            None
+        }
+    }
+}
+
+/// Everything after the transport: the head, the gate's verdict, the response or the 101 and
+/// the WebSocket connection, over plain TCP or TLS alike.
+async fn serve_http<E, S>(node: Arc<Node<E>>, mut socket: S, peer: SocketAddr, deadline: Instant)
+where
+    E: Executor,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(Head { head, rest }) = head(&node, &mut socket, deadline).await else {
         return;
     };
     let verdict = node.handle_head(peer.ip().to_canonical(), &head);
@@ -402,8 +460,8 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// After a response: shut down the sending side, discard input for up to a second, close
-/// (§2.1). Shutdown of the node cuts it short.
-async fn linger<E: Executor>(node: &Node<E>, mut socket: E::Stream) {
+/// (§2.1); over TLS the close sends close_notify first. Shutdown of the node cuts it short.
+async fn linger<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(node: &Node<E>, mut socket: S) {
     if socket.close().await.is_err() {
         return;
     }
@@ -425,7 +483,8 @@ async fn linger<E: Executor>(node: &Node<E>, mut socket: E::Stream) {
 }
 
 async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
-    let Some(head) = head(&node, &mut socket).await else {
+    let deadline = stage0_deadline::<E>(&node.config);
+    let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
     let response = match http::metrics_route(&head.head) {
