@@ -221,6 +221,7 @@ macro_rules! suite {
             tls_alpn_http_1_1_or_none_never_h2,
             tls_acme_alpn_closes_after_handshake,
             tls_untrusted_client_fails_others_served,
+            tls_rotation_serves_new_pair_keeps_connections,
         );
         $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,

@@ -315,3 +315,110 @@ pub fn tls_untrusted_client_fails_others_served<R: RelayUnderTest>() {
     );
     assert!(matches!(d, Dialed::Upgraded(..)), "{d:?}");
 }
+
+/// Polls `check` until it holds; generous, for a reload that takes a few watcher intervals.
+fn eventually_long(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(ms(20));
+    }
+}
+
+fn log_count(needle: &str) -> usize {
+    let logs = crate::push::captured_logs().lock().unwrap();
+    String::from_utf8_lossy(&logs).matches(needle).count()
+}
+
+/// `--tls-cert`/`--tls-key` rotation (§14.2): with connections open, a new pair from another
+/// CA written over the files is served to new handshakes, the open connections go on; a broken
+/// pair is logged once and the previous pair kept; a later good pair is picked up again.
+pub fn tls_rotation_serves_new_pair_keeps_connections<R: RelayUnderTest>() {
+    let interval = ms(50);
+    let dir = std::env::temp_dir().join(format!("switchyard-tls-rotation-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let ca_a = TestCa::new("rotation CA A");
+    let a = ca_a.leaf();
+    a.write(&cert, &key);
+    let (certs, watcher) =
+        switchyard::tls::watch(cert.clone(), key.clone(), interval).expect("pair a loads");
+    let relay = R::start_tls(
+        test_config(),
+        Arc::new(switchyard_runtime::tls::server_config(certs, Alpn::Http)),
+    );
+    let client_a = ca_a.client();
+    assert_eq!(
+        presented(relay.addr, &client_a).expect("a"),
+        a.cert.to_vec()
+    );
+    let mut b = dial_tls(relay.addr, &client_a, "/v1/server", "rotation");
+    let mut p = dial_tls(relay.addr, &client_a, "/v1/client", "rotation");
+    p.send("1");
+    let id = {
+        let v: serde_json::Value = serde_json::from_str(&b.text()).expect("envelope");
+        v["conn_id"].as_str().expect("conn_id").to_owned()
+    };
+    let exchange = |b: &mut Ws, p: &mut Ws, n: u32| {
+        p.send(&n.to_string());
+        assert_eq!(b.text(), format!(r#"{{"conn_id":"{id}","frame":{n}}}"#));
+        b.send(&format!(r#"{{"conn_id":"{id}","frame":{}}}"#, n + 1));
+        assert_eq!(p.text(), (n + 1).to_string());
+    };
+
+    // A renewed pair from another CA.
+    let ca_b = TestCa::new("rotation CA B");
+    let pair_b = ca_b.leaf();
+    pair_b.write(&cert, &key);
+    let client_b = ca_b.client();
+    eventually_long("the new certificate", || {
+        presented(relay.addr, &client_b).ok() == Some(pair_b.cert.to_vec())
+    });
+    assert!(
+        tls_connect(relay.addr, client_a.clone()).is_err(),
+        "a still served"
+    );
+    exchange(&mut b, &mut p, 10);
+
+    // A broken pair: a certificate of a third CA with the key of b.
+    let failures = log_count("msg=tls_reload_failed");
+    let ca_c = TestCa::new("rotation CA C");
+    let pair_c = ca_c.leaf();
+    std::fs::write(&cert, &pair_c.cert_pem).expect("write certificate");
+    eventually_long("the refusal in the log", || {
+        log_count("msg=tls_reload_failed") > failures
+    });
+    std::thread::sleep(interval * 10);
+    assert_eq!(
+        log_count("msg=tls_reload_failed"),
+        failures + 1,
+        "logged more than once"
+    );
+    {
+        let logs = crate::push::captured_logs().lock().unwrap();
+        let text = String::from_utf8_lossy(&logs);
+        let line = text
+            .lines()
+            .find(|l| l.contains("msg=tls_reload_failed"))
+            .expect("line");
+        assert!(line.contains("reason=key_mismatch"), "{line}");
+        assert!(!line.contains(dir.to_str().unwrap()), "{line}");
+    }
+    assert_eq!(
+        presented(relay.addr, &client_b).expect("b"),
+        pair_b.cert.to_vec()
+    );
+    exchange(&mut b, &mut p, 20);
+
+    // Its key arrives: the pair is whole again and served.
+    std::fs::write(&key, &pair_c.key_pem).expect("write key");
+    let client_c = ca_c.client();
+    eventually_long("the third certificate", || {
+        presented(relay.addr, &client_c).ok() == Some(pair_c.cert.to_vec())
+    });
+    exchange(&mut b, &mut p, 30);
+    drop(watcher);
+    relay.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
