@@ -22,18 +22,14 @@ use rustls_acme::{
     AccountCache, AcmeConfig, AcmeState, CertCache, EventError, EventOk, OrderError,
     ResolvesServerCertAcme, UseChallenge,
 };
+use switchyard_runtime::Http01Answers;
 use switchyard_runtime::rustls::crypto::ring;
 use switchyard_runtime::rustls::pki_types::CertificateDer;
 use switchyard_runtime::rustls::pki_types::pem::PemObject;
 use switchyard_runtime::rustls::{ClientConfig, RootCertStore, ServerConfig, version};
-use switchyard_runtime::{ACME_TLS_ALPN, Http01Answers};
+use switchyard_runtime::tls::{Alpn, server_config};
 
-use crate::cli::Acme;
-
-/// ALPN offered on the main listener in ACME mode (§2.1): HTTP/1.1, and TLS-ALPN-01.
-pub fn alpn() -> Vec<Vec<u8>> {
-    vec![b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()]
-}
+use crate::cli::{Acme, TlsFileProblem};
 
 /// Why `--cert-cache` cannot be used (exit 1, §13).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,16 +91,23 @@ pub fn prepare_cache(dir: &Path, euid: Option<u32>) -> Result<Prepared, CachePro
     Ok(Prepared::Tightened)
 }
 
-/// Reads the PEM certificates of `--acme-ca-file` as the only roots trusted for the ACME
-/// directory's HTTPS. `None`: unreadable, or no certificate a root store accepts.
-pub fn load_ca_file(path: &Path) -> Option<RootCertStore> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .ok()?
+/// Reads the PEM certificates of `--acme-ca-file`, the only roots then trusted for the ACME
+/// directory's HTTPS. Every certificate in it must be one a root store accepts.
+pub fn load_ca_file(path: &Path) -> Result<RootCertStore, TlsFileProblem> {
+    let text = fs::read(path).map_err(|_| TlsFileProblem::Unreadable)?;
+    let certs = CertificateDer::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()
-        .ok()?;
+        .map_err(|_| TlsFileProblem::NotPem)?;
+    if certs.is_empty() {
+        return Err(TlsFileProblem::NotPem);
+    }
     let mut roots = RootCertStore::empty();
-    let (added, _ignored) = roots.add_parsable_certificates(certs);
-    (added > 0).then_some(roots)
+    for cert in certs {
+        roots
+            .add(cert)
+            .map_err(|_| TlsFileProblem::BadCertificate)?;
+    }
+    Ok(roots)
 }
 
 /// The public web PKI roots (webpki-roots), for a public ACME directory.
@@ -222,7 +225,8 @@ impl Http01Answers for Answers {
 /// ACME state built and ready, not yet running: what the node needs from it, then
 /// [`Prepared::run`].
 pub struct AcmeParts {
-    /// The main listener's TLS: certificates from the ACME state, ALPN of [`alpn`].
+    /// The main listener's TLS: certificates from the ACME state, ALPN `http/1.1` and
+    /// `acme-tls/1`.
     pub tls: Arc<ServerConfig>,
     /// The http-01 answers, when `--acme-http-listen` is set.
     pub http01: Option<Arc<dyn Http01Answers>>,
@@ -233,7 +237,7 @@ pub struct AcmeParts {
 /// http-01 listener the orders use http-01, else TLS-ALPN-01.
 pub fn build(acme: &Acme, roots: Option<RootCertStore>) -> AcmeParts {
     let provider = Arc::new(ring::default_provider());
-    let client = ClientConfig::builder_with_provider(provider.clone())
+    let client = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&version::TLS13, &version::TLS12])
         .expect("ring supports TLS 1.2 and 1.3")
         .with_root_certificates(roots.unwrap_or_else(public_roots))
@@ -249,12 +253,7 @@ pub fn build(acme: &Acme, roots: Option<RootCertStore>) -> AcmeParts {
         .challenge_type(challenge)
         .state();
     let resolver = state.resolver();
-    let mut tls = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&version::TLS13, &version::TLS12])
-        .expect("ring supports TLS 1.2 and 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
-    tls.alpn_protocols = alpn();
+    let tls = server_config(resolver.clone(), Alpn::HttpAndAcme);
     let http01 = acme
         .http_listen
         .as_ref()
@@ -504,15 +503,27 @@ mod tests {
     fn ca_file_needs_a_certificate() {
         let dir = tmp("ca");
         fs::create_dir_all(&dir).expect("mkdir");
-        let missing = dir.join("missing.pem");
-        assert!(load_ca_file(&missing).is_none());
-        let empty = dir.join("empty.pem");
-        fs::write(&empty, b"not pem").expect("write");
-        assert!(load_ca_file(&empty).is_none());
+        let problem = |name: &str, contents: &str| {
+            let path = dir.join(name);
+            fs::write(&path, contents).expect("write");
+            load_ca_file(&path).err()
+        };
+        assert_eq!(
+            load_ca_file(&dir.join("missing.pem")).err(),
+            Some(TlsFileProblem::Unreadable)
+        );
+        assert_eq!(problem("e.pem", "not pem"), Some(TlsFileProblem::NotPem));
+        let junk = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        assert_eq!(problem("j.pem", junk), Some(TlsFileProblem::BadCertificate));
         let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).expect("ca");
+        let other = rcgen::generate_simple_self_signed(vec!["b.test".to_owned()]).expect("ca");
         let good = dir.join("ca.pem");
-        fs::write(&good, ca.cert.pem()).expect("write");
-        assert_eq!(load_ca_file(&good).expect("roots").roots.len(), 1);
+        fs::write(&good, ca.cert.pem() + &other.cert.pem()).expect("write");
+        assert_eq!(load_ca_file(&good).expect("roots").roots.len(), 2);
+        assert_eq!(
+            problem("mixed.pem", &(ca.cert.pem() + junk)),
+            Some(TlsFileProblem::BadCertificate)
+        );
         fs::remove_dir_all(&dir).expect("clean up");
     }
 

@@ -9,11 +9,13 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use switchyard_core::Config;
 use switchyard_push::{FcmSettings, KeyError, Pusher, SigningKey};
+use switchyard_runtime::tls::{Alpn, server_config};
 use switchyard_runtime::{AcmeHttp, Executor, Handle, Options, PushSink};
 
 use crate::acme::{self, Prepared};
 use crate::cli::{ListenAddr, ProcessIdentity, Push, Runtime, Settings, Tls};
 use crate::metrics::{MetricsOptions, render};
+use crate::tls::{RELOAD_INTERVAL, Watcher, watch};
 
 /// Exit code 1: a listener could not be bound, or the node cannot run as configured (§13).
 const EXIT_LISTENER: u8 = 1;
@@ -70,6 +72,15 @@ pub fn run(settings: Settings) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Checked at boot already; loaded again here, so a pair broken since is refused the same way.
+    let (tls, _watcher) = match tls_files(&settings.tls) {
+        Ok(Some((config, watcher))) => (Some(config), Some(watcher)),
+        Ok(None) => (None, None),
+        Err(e) => {
+            tracing::error!(reason = "tls_file", err = e.text(), "refusing_to_start");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let acme = match &settings.tls {
         Tls::Acme(a) => match prepare_acme(a) {
             Ok(parts) => Some(parts),
@@ -102,7 +113,7 @@ pub fn run(settings: Settings) -> ExitCode {
         seed: None,
         render_metrics: Arc::new(move |c| render(c, &metrics)),
         push,
-        tls: acme.as_ref().map(|a| a.tls.clone()),
+        tls: tls.or_else(|| acme.as_ref().map(|a| a.tls.clone())),
         acme_http,
     };
     let started = match settings.runtime {
@@ -205,14 +216,27 @@ pub fn pusher(push: &Push, config: &Config) -> Result<Arc<dyn PushSink>, KeyErro
     Ok(Arc::new(Pusher::new(fcm, config)))
 }
 
+/// The main listener's TLS configuration and the thread that reloads its files, for
+/// `--tls-cert`/`--tls-key`; `None` for plain HTTP.
+fn tls_files(
+    tls: &Tls,
+) -> Result<Option<(Arc<switchyard_runtime::rustls::ServerConfig>, Watcher)>, crate::tls::PairError>
+{
+    let Tls::Files { cert, key } = tls else {
+        return Ok(None);
+    };
+    let (certs, watcher) = watch(cert.clone(), key.clone(), RELOAD_INTERVAL)?;
+    Ok(Some((Arc::new(server_config(certs, Alpn::Http)), watcher)))
+}
+
 /// Checks the CA file (exit 2, a refused configuration) and the certificate cache (exit 1 if
 /// unusable, §13), and builds the ACME state.
 fn prepare_acme(acme: &crate::Acme) -> Result<acme::AcmeParts, ExitCode> {
     let roots = match &acme.ca_file {
         None => None,
         Some(path) => match acme::load_ca_file(path) {
-            Some(roots) => Some(roots),
-            None => {
+            Ok(roots) => Some(roots),
+            Err(_) => {
                 tracing::error!(
                     reason = "acme_ca_file",
                     err = "--acme-ca-file holds no usable CA certificate",
@@ -245,12 +269,8 @@ fn prepare_acme(acme: &crate::Acme) -> Result<acme::AcmeParts, ExitCode> {
 
 /// What the settings ask for that this build cannot do yet.
 fn not_yet_supported(settings: &Settings) -> Option<&'static str> {
-    match &settings.tls {
-        Tls::Files { .. } => return Some("TLS from files is not implemented yet"),
-        Tls::Acme(a) if a.http_proxy_protocol => {
-            return Some("the PROXY protocol is not implemented yet");
-        }
-        Tls::Acme(_) | Tls::Off => {}
+    if matches!(&settings.tls, Tls::Acme(a) if a.http_proxy_protocol) {
+        return Some("the PROXY protocol is not implemented yet");
     }
     if settings.proxy_protocol {
         return Some("the PROXY protocol is not implemented yet");

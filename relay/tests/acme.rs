@@ -23,7 +23,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, SanType};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
 use serde_json::Value;
 use switchyard_runtime::rustls::pki_types::pem::PemObject;
 use switchyard_runtime::rustls::pki_types::{CertificateDer, ServerName};
@@ -332,7 +332,8 @@ impl Pebble {
         params
             .subject_alt_names
             .push(SanType::IpAddress([127, 0, 0, 1].into()));
-        let cert = params.signed_by(&key, &ca, &ca_key).expect("cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let cert = params.signed_by(&key, &issuer).expect("cert");
         let api_ca = dir.join("api-ca.pem");
         fs::write(&api_ca, ca.pem()).expect("write");
         fs::write(dir.join("api-cert.pem"), cert.pem()).expect("write");

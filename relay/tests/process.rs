@@ -308,7 +308,7 @@ fn open_cert_cache_is_tightened_and_a_missing_one_created_0700() {
 #[test]
 fn acme_refusals_exit_2() {
     let dir = scratch("acme-refusals");
-    // Looks like PEM but holds no certificate a root store takes.
+    // Looks like PEM but holds no certificate a root store takes (refused as it is parsed).
     let bad_ca = dir.join("bad-ca.pem");
     std::fs::write(
         &bad_ca,
@@ -327,7 +327,7 @@ fn acme_refusals_exit_2() {
         "--acme-http-proxy-protocol",
     ]);
     for (args, expect) in [
-        (with_ca, "reason=acme_ca_file"),
+        (with_ca, "--acme-ca-file"),
         (proxied, "reason=not_implemented"),
     ] {
         let out = run_output(&args);

@@ -3,7 +3,7 @@
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::Executor;
 
@@ -26,6 +26,18 @@ pub(crate) async fn sleep<E: Executor>(d: Duration) {
         .checked_add(d)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
     E::timer(at).await;
+}
+
+/// `f`'s output, or `None` once `deadline` has passed on the executor's clock.
+pub(crate) async fn until<E: Executor, T>(
+    deadline: Instant,
+    f: impl Future<Output = T>,
+) -> Option<T> {
+    race(async { Some(f.await) }, async {
+        E::timer(deadline).await;
+        None
+    })
+    .await
 }
 
 /// `f`'s output, or `None` once `limit` has passed.

@@ -49,6 +49,7 @@ pub mod scanner;
 mod shard;
 mod signal;
 mod sync;
+pub mod tls;
 
 use std::fmt;
 use std::future::Future;
@@ -61,8 +62,9 @@ use std::time::Instant;
 use futures_util::io::{AsyncRead, AsyncWrite};
 use switchyard_core::{Config, Counters, ServerId};
 
-pub use futures_rustls::rustls;
 pub use node::{Handle, start};
+/// The rustls this crate speaks, for building [`Options::tls`].
+pub use rustls;
 
 /// What a runtime crate supplies: threads, listeners, tasks and a timer. A value is a cheap
 /// handle to the running executor, cloned into tasks; it must not keep the threads alive (that is
@@ -118,10 +120,6 @@ pub trait PushSink: Send + Sync + 'static {
     fn cancel(&self);
 }
 
-/// The ALPN protocol of TLS-ALPN-01 validation (RFC 8737). A connection that negotiates it
-/// has seen the challenge certificate and is closed after the handshake.
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
-
 /// Answers http-01 challenges (RFC 8555 §8.3) from the ACME client's state.
 pub trait Http01Answers: Send + Sync + 'static {
     /// The key authorization for `token`, if an authorization is waiting for it.
@@ -152,8 +150,9 @@ pub struct Options {
     /// Performs push wakes; `None` when push is off. `config.push_enabled` should be set
     /// exactly when this is `Some` (a wake the core admits without a sink is ignored).
     pub push: Option<Arc<dyn PushSink>>,
-    /// TLS on the main listener; `None` serves plain HTTP. A config whose ALPN list offers
-    /// [`ACME_TLS_ALPN`] gets TLS-ALPN-01 validations closed after their handshake.
+    /// TLS on the main listener (built with [`tls::server_config`], or by the ACME client);
+    /// `None`: plain HTTP/1.1. The metrics listener is always plain. A config whose ALPN list
+    /// offers [`tls::ALPN_ACME_TLS`] gets TLS-ALPN-01 validations closed after their handshake.
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// The http-01 listener; `None` when off.
     pub acme_http: Option<AcmeHttp>,

@@ -1,6 +1,5 @@
 //! The node: listeners, admission through the gate, connection tasks, and the [`Handle`].
 
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
@@ -10,13 +9,15 @@ use std::time::{Duration, Instant};
 
 use async_channel::Sender;
 use async_tungstenite::WebSocketStream;
+use futures_rustls::TlsAcceptor;
+use futures_rustls::server::TlsStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use switchyard_core::{
     Config, ConnKey, Counters, Ended, Gate, Input, Load, Response, Slot, Verdict,
 };
 
 use crate::driver::{self, ConnDriver, Event};
-use crate::future::{race, sleep, timeout, yield_now};
+use crate::future::{race, sleep, timeout, until, yield_now};
 use crate::gate::SharedGate;
 use crate::head::{Head, read_head};
 use crate::http::{self, AcmeRoute, MetricsRoute};
@@ -25,9 +26,9 @@ use crate::queue::ConnQueue;
 use crate::scanner::Watched;
 use crate::shard::{self, ShardMsg};
 use crate::signal::{self, Alive, Done, Flag};
+use crate::tls::{self, Negotiated};
 use crate::{
-    ACME_TLS_ALPN, Executor, Http01Answers, Options, PushSink, RESPONSE_LINGER, RenderMetrics,
-    Threads, shard_seed,
+    Executor, Http01Answers, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed,
 };
 
 /// Inputs a shard's channel holds before connections wait (backpressure on reading).
@@ -55,7 +56,9 @@ struct Node<E> {
     stopping: Flag,
     render_metrics: RenderMetrics,
     push: Option<Arc<dyn PushSink>>,
-    tls: Option<futures_rustls::TlsAcceptor>,
+    /// TLS on the main listener; `None`: plain HTTP.
+    tls: Option<TlsAcceptor>,
+    /// Answers the http-01 listener gives; `None` when it is off.
     acme_answers: Option<Arc<dyn Http01Answers>>,
 }
 
@@ -165,7 +168,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         stopping: Flag::default(),
         render_metrics: options.render_metrics,
         push: options.push,
-        tls: options.tls.map(futures_rustls::TlsAcceptor::from),
+        tls: options.tls.map(TlsAcceptor::from),
         acme_answers: options.acme_http.map(|a| a.answers),
     });
     let (shard_alive, shards_done) = signal::latch();
@@ -317,69 +320,80 @@ async fn accept_loop<E: Executor>(
     drop(alive);
 }
 
-/// The end of a connection's header timeout, counted from its accept (stage 0).
-fn head_deadline<E: Executor>(node: &Node<E>) -> Instant {
+/// The end of stage 0 (§3): `header_timeout` from now, for a connection just accepted. Every
+/// transport step and the request head must be done by then.
+fn stage0_deadline<E: Executor>(config: &Config) -> Instant {
     let now = E::now();
-    now.checked_add(node.config.header_timeout).unwrap_or(now)
+    // A limit too far to represent never fires in practice.
+    now.checked_add(config.header_timeout)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
-/// `f`'s output, or `None` at `deadline` or once the node is stopping.
-async fn before<E: Executor, T>(
-    node: &Node<E>,
-    deadline: Instant,
-    f: impl Future<Output = Option<T>>,
-) -> Option<T> {
-    if node.stopping.is_set() {
-        return None;
-    }
-    let limit = deadline.saturating_duration_since(E::now());
-    let work = async { timeout::<E, _>(limit, f).await.flatten() };
-    let stopped = async {
-        node.stopping.wait().await;
-        None
-    };
-    race(work, stopped).await
-}
-
-/// Reads the request head before `deadline`; `None`: timed out, ended, failed, or the node is
+/// Reads the request head by `deadline`; `None`: timed out, ended, failed, or the node is
 /// stopping. The connection is then closed writing nothing.
 async fn head<E: Executor, S: AsyncRead + Unpin>(
     node: &Node<E>,
     socket: &mut S,
     deadline: Instant,
 ) -> Option<Head> {
-    before(node, deadline, async {
-        read_head(socket, node.config.max_head_size).await.ok()?
-    })
-    .await
+    if node.stopping.is_set() {
+        return None;
+    }
+    let read = async {
+        until::<E, _>(deadline, read_head(socket, node.config.max_head_size))
+            .await?
+            .ok()?
+    };
+    let stopped = async {
+        node.stopping.wait().await;
+        None
+    };
+    race(read, stopped).await
 }
 
 async fn serve_main<E: Executor>(node: Arc<Node<E>>, socket: E::Stream, peer: SocketAddr) {
-    let deadline = head_deadline(&node);
-    match &node.tls {
+    let deadline = stage0_deadline::<E>(&node.config);
+    match node.tls.clone() {
         None => serve_http(node, socket, peer, deadline).await,
         Some(acceptor) => {
-            let handshake = async { acceptor.accept(socket).await.ok() };
-            let Some(mut tls) = before(&node, deadline, handshake).await else {
-                return;
-            };
-            if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
-                // A TLS-ALPN-01 validation: the handshake was all it needed (RFC 8737 §3).
-                let _ = before(&node, deadline, async { tls.close().await.ok() }).await;
-                return;
+            if let Some(tls) = handshake(&node, &acceptor, socket, deadline).await {
+                serve_http(node, tls, peer, deadline).await;
             }
-            serve_http(node, tls, peer, deadline).await
         }
     }
 }
 
-/// Stages 0 (the head) to 8 on a plain or TLS stream.
-async fn serve_http<E: Executor, S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    node: Arc<Node<E>>,
-    mut socket: S,
-    peer: SocketAddr,
+/// Stage 0's TLS step: the handshake, by the same `deadline` as the head. `None`: it failed
+/// (rustls has written its alert, if any), timed out, the node is stopping, or it was a
+/// TLS-ALPN-01 validation, now answered. The connection is then closed.
+async fn handshake<E: Executor>(
+    node: &Node<E>,
+    acceptor: &TlsAcceptor,
+    socket: E::Stream,
     deadline: Instant,
-) {
+) -> Option<TlsStream<E::Stream>> {
+    let accept = async { until::<E, _>(deadline, acceptor.accept(socket)).await?.ok() };
+    let stopped = async {
+        node.stopping.wait().await;
+        None
+    };
+    let mut stream = race(accept, stopped).await?;
+    match tls::negotiated(stream.get_ref().1.alpn_protocol()) {
+        Negotiated::Http => Some(stream),
+        Negotiated::AcmeChallenge => {
+            let _ = until::<E, _>(deadline, stream.close()).await;
+            None
+        }
+    }
+}
+
+/// Everything after the transport: the head, the gate's verdict, the response or the 101 and
+/// the WebSocket connection, over plain TCP or TLS alike.
+async fn serve_http<E, S>(node: Arc<Node<E>>, mut socket: S, peer: SocketAddr, deadline: Instant)
+where
+    E: Executor,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Some(Head { head, rest }) = head(&node, &mut socket, deadline).await else {
         return;
     };
@@ -472,7 +486,7 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// After a response: shut down the sending side, discard input for up to a second, close
-/// (§2.1). Shutdown of the node cuts it short.
+/// (§2.1); over TLS the close sends close_notify first. Shutdown of the node cuts it short.
 async fn linger<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(node: &Node<E>, mut socket: S) {
     if socket.close().await.is_err() {
         return;
@@ -495,7 +509,7 @@ async fn linger<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(node: &Node<E>, 
 }
 
 async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
-    let deadline = head_deadline(&node);
+    let deadline = stage0_deadline::<E>(&node.config);
     let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
@@ -512,7 +526,7 @@ async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
 /// The http-01 listener (§2.1): key authorizations under `/.well-known/acme-challenge/`, the
 /// 404 of §2.3 for everything else, under the main listener's head rules.
 async fn serve_acme_http<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
-    let deadline = head_deadline(&node);
+    let deadline = stage0_deadline::<E>(&node.config);
     let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };

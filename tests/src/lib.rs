@@ -7,8 +7,10 @@
 
 pub mod client;
 pub mod doubles;
+pub mod pki;
 pub mod push;
 pub mod scenarios;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use std::time::Duration;
 
 use switchyard_core::{Config, Counters};
 use switchyard_runtime::PushSink;
+use switchyard_runtime::rustls::ServerConfig;
 
 /// A runtime the suite can run against.
 pub trait RelayUnderTest {
@@ -27,6 +30,9 @@ pub trait RelayUnderTest {
     /// As [`start`](RelayUnderTest::start), with `push` performing the wakes (push is on when
     /// `config.push_enabled`).
     fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running;
+
+    /// As [`start`](RelayUnderTest::start), with TLS on the main listener.
+    fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running;
 }
 
 /// What a scenario needs from a running node.
@@ -126,13 +132,21 @@ pub mod runtimes {
 
     impl RelayUnderTest for Tokio {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, switchyard_tokio::start)
+            start(config, push, None, switchyard_tokio::start)
+        }
+
+        fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
+            start(config, None, Some(tls), switchyard_tokio::start)
         }
     }
 
     impl RelayUnderTest for Smol {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, switchyard_smol::start)
+            start(config, push, None, switchyard_smol::start)
+        }
+
+        fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
+            start(config, None, Some(tls), switchyard_smol::start)
         }
     }
 
@@ -157,6 +171,7 @@ pub mod runtimes {
     fn start<E: Executor>(
         config: Config,
         push: Option<Arc<dyn PushSink>>,
+        tls: Option<Arc<ServerConfig>>,
         start: fn(Options) -> std::io::Result<Handle<E>>,
     ) -> Running {
         let opts = switchyard::MetricsOptions {
@@ -171,7 +186,7 @@ pub mod runtimes {
             seed: Some([42; 32]),
             render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
             push,
-            tls: None,
+            tls,
             acme_http: None,
         })
         .expect("start the runtime");
@@ -196,6 +211,18 @@ macro_rules! suite {
             push_errors_and_timeouts_are_send_failed,
             push_in_flight_cap_drops_excess,
             push_logs_fingerprint_never_token,
+        );
+        $crate::suite!(@each $rt; tls;
+            tls_healthz_and_404,
+            tls_binary_and_phone_exchange,
+            tls_plain_http_is_not_answered,
+            tls_stalled_handshake_closed_by_header_timeout,
+            tls_handshake_and_head_share_the_deadline,
+            tls_versions_below_1_2_refused,
+            tls_alpn_http_1_1_or_none_never_h2,
+            tls_acme_alpn_closes_after_handshake,
+            tls_untrusted_client_fails_others_served,
+            tls_rotation_serves_new_pair_keeps_connections,
         );
         $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,
