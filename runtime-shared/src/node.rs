@@ -4,10 +4,10 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_channel::Sender;
+use async_channel::{Sender, TrySendError};
 use async_tungstenite::WebSocketStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use switchyard_core::{
@@ -47,6 +47,8 @@ struct Node<E> {
     gate: SharedGate,
     shards: Vec<ShardLink>,
     next_conn: AtomicU64,
+    /// Upgraded connections whose codec is asleep (holding no buffers).
+    asleep: Arc<AtomicUsize>,
     /// Set once shutdown begins: listeners close, connections not yet upgraded are dropped.
     stopping: Flag,
     render_metrics: RenderMetrics,
@@ -147,6 +149,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         config: options.config,
         shards,
         next_conn: AtomicU64::new(1),
+        asleep: Arc::default(),
         stopping: Flag::default(),
         render_metrics: options.render_metrics,
         push: options.push,
@@ -197,6 +200,12 @@ impl<E: Executor> Handle<E> {
     /// The node's counters: the gate's and every shard's, summed.
     pub fn counters(&self) -> Counters {
         self.node.counters()
+    }
+
+    /// Upgraded connections quiet enough that their codec is asleep: they hold a socket and no
+    /// read or write buffer (see `driver`).
+    pub fn quiet_connections(&self) -> usize {
+        self.node.asleep.load(Ordering::Relaxed)
     }
 
     /// SIGHUP (PROTOCOL.md §16.3): every shard closes its claimants and holders.
@@ -309,63 +318,114 @@ async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Hea
     race(read, stopped).await
 }
 
-async fn serve_main<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, peer: SocketAddr) {
-    let Some(Head { head, rest }) = head(&node, &mut socket).await else {
-        return;
-    };
+/// Serves one connection of the main listener.
+async fn serve_main<E: Executor>(node: Arc<Node<E>>, socket: E::Stream, peer: SocketAddr) {
+    // The task keeps only what an upgraded connection needs for its whole life: everything
+    // before (head, response, linger, 101) is a boxed future, freed when it ends, so an idle
+    // connection's task holds its driver and little more.
+    if let Some(upgraded) = Box::pin(admit(&node, socket, peer)).await {
+        carry(&node, upgraded).await;
+    }
+}
+
+/// A connection the gate upgraded: its shard knows it, its slot is held.
+struct Upgraded<S> {
+    conn: ConnKey,
+    shard: usize,
+    slot: Slot,
+    /// `None`: the 101 could not be written.
+    driver: Option<ConnDriver<S>>,
+}
+
+/// Reads the head, carries out the gate's verdict, and for an upgrade opens the connection in
+/// its shard and writes the 101.
+async fn admit<E: Executor>(
+    node: &Node<E>,
+    mut socket: E::Stream,
+    peer: SocketAddr,
+) -> Option<Upgraded<E::Stream>> {
+    let Head { head, rest } = self::head(node, &mut socket).await?;
     let verdict = node.handle_head(peer.ip().to_canonical(), &head);
     drop(head);
-    match verdict {
-        Verdict::Drop => {}
+    let (response, slot, open) = match verdict {
+        Verdict::Drop => return None,
         Verdict::Respond { response, slot } => {
-            let written = socket.write_all(&response.bytes).await;
-            if let Some(slot) = slot {
-                node.release(slot);
-            }
-            if written.is_ok() {
-                linger(&node, socket).await;
-            }
+            respond(node, socket, response, slot).await;
+            return None;
         }
         Verdict::Upgrade {
             response,
             slot,
             open,
-        } => {
-            let conn = ConnKey(node.next_conn.fetch_add(1, Ordering::Relaxed));
-            let shard = &node.shards[open.server_id.shard(node.shards.len())];
-            let queue = Arc::new(ConnQueue::new());
-            // The shard hears of the connection before the client can see its 101, so anything
-            // the client does after the 101 (or makes others do) reaches the shard after the
-            // claim or registration. Commands issued meanwhile wait in the queue.
-            let opened = shard.tx.send(ShardMsg::Open {
-                conn,
-                open,
-                queue: queue.clone(),
-            });
-            if opened.await.is_err() {
-                node.release(slot);
-                return;
-            }
-            let ended = match switch_protocols(socket, response, rest, &node.config).await {
-                Some(ws) => pump(conn, ConnDriver::new(conn, ws, queue), &shard.tx).await,
-                None => Ended::Dropped,
-            };
-            node.release(slot);
-            let _ = shard
-                .tx
-                .send(ShardMsg::Input(Input::Closed { conn, ended }))
-                .await;
-        }
+        } => (response, slot, open),
+    };
+    let conn = ConnKey(node.next_conn.fetch_add(1, Ordering::Relaxed));
+    let shard = open.server_id.shard(node.shards.len());
+    let queue = Arc::new(ConnQueue::new());
+    // The shard hears of the connection before the client can see its 101, so anything the
+    // client does after the 101 (or makes others do) reaches the shard after the claim or
+    // registration. Commands issued meanwhile wait in the queue.
+    let opened = node.shards[shard].tx.send(ShardMsg::Open {
+        conn,
+        open,
+        queue: queue.clone(),
+    });
+    if opened.await.is_err() {
+        node.release(slot);
+        return None;
+    }
+    let max = node.config.max_message_size;
+    let driver = switch_protocols(socket, response, rest, &node.config)
+        .await
+        .map(|ws| ConnDriver::new(conn, ws, queue, max, node.asleep.clone()));
+    Some(Upgraded {
+        conn,
+        shard,
+        slot,
+        driver,
+    })
+}
+
+/// Runs an upgraded connection until its socket is gone, then releases it.
+async fn carry<E: Executor>(node: &Node<E>, upgraded: Upgraded<E::Stream>) {
+    let Upgraded {
+        conn,
+        shard,
+        slot,
+        driver,
+    } = upgraded;
+    let tx = &node.shards[shard].tx;
+    let ended = match driver {
+        Some(driver) => pump(conn, driver, tx).await,
+        None => Ended::Dropped,
+    };
+    node.release(slot);
+    let _ = Box::pin(tx.send(ShardMsg::Input(Input::Closed { conn, ended }))).await;
+}
+
+/// Writes a non-101 response, releases its slots, and lingers (§2.1).
+async fn respond<E: Executor>(
+    node: &Node<E>,
+    mut socket: E::Stream,
+    response: Response,
+    slot: Option<Slot>,
+) {
+    let written = socket.write_all(&response.bytes).await;
+    if let Some(slot) = slot {
+        node.release(slot);
+    }
+    if written.is_ok() {
+        linger(node, socket).await;
     }
 }
 
 /// Writes the 101 and starts framing; `None` if the socket failed.
-async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin>(
+async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut socket: S,
     response: Response,
     rest: Vec<u8>,
     config: &Config,
-) -> Option<WebSocketStream<Watched<S>>> {
+) -> Option<Box<WebSocketStream<Watched<S>>>> {
     socket.write_all(&response.bytes).await.ok()?;
     socket.flush().await.ok()?;
     drop(response);
@@ -373,7 +433,7 @@ async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Carries one upgraded connection until its socket is gone; the socket is dropped on return.
-async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
+async fn pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     conn: ConnKey,
     mut driver: ConnDriver<S>,
     tx: &Sender<ShardMsg>,
@@ -385,18 +445,20 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
             events = 0;
             yield_now().await;
         }
-        match driver.next_event().await {
-            Event::Input(input) => {
-                if tx.send(ShardMsg::Input(input)).await.is_err() {
-                    return Ended::Local;
-                }
-            }
-            Event::Written(count) => {
-                if tx.send(ShardMsg::Written { conn, count }).await.is_err() {
-                    return Ended::Local;
-                }
-            }
+        let msg = match driver.next_event().await {
+            Event::Input(input) => ShardMsg::Input(input),
+            Event::Written(count) => ShardMsg::Written { conn, count },
             Event::End(ended) => return ended,
+        };
+        // The waiting send is boxed: it is rare, and an idle connection's task should not
+        // carry its size.
+        let sent = match tx.try_send(msg) {
+            Ok(()) => true,
+            Err(TrySendError::Full(msg)) => Box::pin(tx.send(msg)).await.is_ok(),
+            Err(TrySendError::Closed(_)) => false,
+        };
+        if !sent {
+            return Ended::Local;
         }
     }
 }

@@ -32,6 +32,8 @@ pub trait RelayUnderTest {
 /// What a scenario needs from a running node.
 pub trait Control: Send {
     fn counters(&self) -> Counters;
+    /// Upgraded connections whose codec is asleep.
+    fn quiet_connections(&self) -> usize;
     fn rebalance(&self);
     fn start_draining(&self);
     fn shutdown(&self);
@@ -61,6 +63,10 @@ impl Running {
 
     pub fn counters(&self) -> Counters {
         self.control().counters()
+    }
+
+    pub fn quiet_connections(&self) -> usize {
+        self.control().quiet_connections()
     }
 
     pub fn rebalance(&self) {
@@ -139,6 +145,9 @@ pub mod runtimes {
     impl<E: Executor> Control for Handle<E> {
         fn counters(&self) -> Counters {
             Handle::counters(self)
+        }
+        fn quiet_connections(&self) -> usize {
+            Handle::quiet_connections(self)
         }
         fn rebalance(&self) {
             Handle::rebalance(self);
@@ -262,6 +271,7 @@ macro_rules! suite {
             item_73_rebalance,
             item_79_bad_peer_close_codes,
             fragmented_message_is_reassembled,
+            quiet_connections_sleep_and_wake,
             close_code_1014_notice,
         );
     };

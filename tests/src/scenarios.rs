@@ -1130,6 +1130,56 @@ pub fn item_54_pongs_keep_alive<R: RelayUnderTest>() {
     assert_eq!((c.connected_binaries, c.connected_phones), (1, 1));
 }
 
+/// Reads (answering pings) on every client until the relay reports `n` quiet connections.
+fn until_quiet(relay: &Running, n: usize, clients: &mut [&mut Ws]) {
+    let deadline = Instant::now() + crate::client::WAIT;
+    while relay.quiet_connections() != n {
+        assert!(Instant::now() < deadline, "not {n} quiet connections");
+        for c in clients.iter_mut() {
+            c.silent(ms(20));
+        }
+    }
+}
+
+/// Quiet connections drop their codec (PERFORMANCE.md, idle memory); whatever arrives next,
+/// from either side, wakes it with nothing lost.
+pub fn quiet_connections_sleep_and_wake<R: RelayUnderTest>() {
+    let relay = start::<R>(|c| {
+        c.ping_interval = ms(100);
+        c.pong_timeout = ms(3000);
+    });
+    let (mut b, mut p, id) = pair(relay.addr, "quiet");
+    let (mut p2, id2) = known_phone(relay.addr, "quiet", &mut b);
+    until_quiet(&relay, 3, &mut [&mut b, &mut p, &mut p2]);
+    // A phone's frame wakes its reader, the envelope wakes the binary's writer.
+    p.send("[1]");
+    assert_eq!(b.text(), envelope(&id, "[1]"));
+    b.send(&envelope(&id2, "[2]"));
+    assert_eq!(p2.text(), "[2]");
+    // Data keeps a connection awake until a whole heartbeat period passes without any.
+    until_quiet(&relay, 3, &mut [&mut b, &mut p, &mut p2]);
+    // A message in fragments, the first byte waking the codec.
+    p.send_fragment(true, b"[3,", false);
+    p.send_fragment(false, b"4]", true);
+    assert_eq!(b.text(), envelope(&id, "[3,4]"));
+    until_quiet(&relay, 3, &mut [&mut b, &mut p, &mut p2]);
+    // A close frame, and an abrupt end, reach a sleeping connection.
+    assert_eq!(p2.close(Some(4000)).map(|c| c.0), Some(4000));
+    assert_eq!(b.text(), notice(&id2, 4000));
+    until_quiet(&relay, 2, &mut [&mut b, &mut p]);
+    p.reset();
+    assert_eq!(b.text(), notice(&id, 1001));
+    eventually(
+        "no connection counted quiet after the last one ends",
+        || {
+            drop(b.recv_within(ms(10)));
+            relay.quiet_connections() <= 1
+        },
+    );
+    let c = relay.counters();
+    assert_eq!((c.connected_binaries, c.connected_phones), (1, 0));
+}
+
 pub fn item_55_read_timeout<R: RelayUnderTest>() {
     let timeout = ms(300);
     let relay = start::<R>(|c| c.read_timeout = timeout);
