@@ -171,6 +171,7 @@ pub mod runtimes {
             seed: Some([42; 32]),
             render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
             push,
+            proxy_protocol: false,
         })
         .expect("start the runtime");
         let addr = handle.local_addr();
