@@ -78,6 +78,7 @@ pub fn run(settings: Settings) -> ExitCode {
         seed: None,
         render_metrics: Arc::new(move |c| render(c, &metrics)),
         push,
+        proxy_protocol: settings.proxy_protocol,
     };
     let started = match settings.runtime {
         Runtime::Tokio => switchyard_tokio::start(options).map(|h| serve(&settings, h, signals)),
@@ -104,7 +105,7 @@ fn serve<E: Executor>(settings: &Settings, handle: Handle<E>, mut signals: Signa
     tracing::info!(
         listen = %handle.local_addr(),
         addr = metrics_addr.as_str(),
-        mode = "http",
+        mode = mode(settings),
         runtime = settings.runtime.as_str(),
         workers = settings.workers.get(),
         version = settings.config.version.as_str(),
@@ -151,13 +152,20 @@ pub fn pusher(push: &Push, config: &Config) -> Result<Arc<dyn PushSink>, KeyErro
     Ok(Arc::new(Pusher::new(fcm, config)))
 }
 
+/// The main listener's layers for the `listening` line, outermost first: `proxy+` when every
+/// connection must begin with a PROXY v2 header (§3.2).
+fn mode(settings: &Settings) -> &'static str {
+    if settings.proxy_protocol {
+        "proxy+http"
+    } else {
+        "http"
+    }
+}
+
 /// What the settings ask for that this build cannot do yet.
 fn not_yet_supported(settings: &Settings) -> Option<&'static str> {
     if !matches!(settings.tls, Tls::Off) {
         return Some("TLS is not implemented yet");
-    }
-    if settings.proxy_protocol {
-        return Some("the PROXY protocol is not implemented yet");
     }
     None
 }

@@ -188,3 +188,81 @@ fn bad_flag_exits_2() {
         Some(2)
     );
 }
+
+/// A request to the main listener behind `prefix`; `None` when the relay closed writing nothing.
+fn get_behind(addr: SocketAddr, prefix: &[u8], path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut request = prefix.to_vec();
+    request.extend(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").bytes());
+    let _ = s.write_all(&request);
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => panic!("not closed"),
+        _ => {}
+    }
+    if out.is_empty() {
+        return None;
+    }
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `--proxy-protocol` (and its alias and variable) on both runtimes: the main listener serves
+/// only behind a PROXY v2 header, the metrics listener plain HTTP, and the `listening` line says
+/// so (item 24).
+#[test]
+fn item_24_proxy_protocol_flag_on_both_runtimes() {
+    // PROXY, TCP over IPv4, 203.0.113.1:40000 → 10.0.0.1:8080.
+    let header =
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71\x01\x0a\x00\x00\x01\x9c\x40\x1f\x90";
+    let setups = [
+        (&["--proxy-protocol"][..], None),
+        (&["--runtime", "smol", "--https-proxy-protocol"], None),
+        (
+            &["--runtime", "smol"],
+            Some(("SWITCHYARD_PROXY_PROTOCOL", "1")),
+        ),
+    ];
+    for (flags, env) in setups {
+        let (main, metrics) = ports();
+        let (main_arg, metrics_arg) = (main.to_string(), metrics.to_string());
+        let mut args = vec!["--listen", &main_arg, "--metrics-listen", &metrics_arg];
+        args.extend_from_slice(flags);
+        let mut command = Command::new(BIN);
+        command
+            .args(&args)
+            .env_remove("FLY_APP_NAME")
+            .env_remove("PYRYCODE_RELAY_PRODUCTION")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some((k, v)) = env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn switchyard");
+        assert_eq!(wait_for(metrics, "/metrics").0, 200, "{args:?}");
+        assert_eq!(get_behind(main, header, "/healthz"), Some(200), "{args:?}");
+        assert_eq!(get_behind(main, b"", "/healthz"), None, "{args:?}");
+        signal(&child, "TERM");
+        assert_eq!(
+            wait_exit(&mut child, Duration::from_secs(11)).code(),
+            Some(0)
+        );
+        let mut log = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut log)
+            .unwrap();
+        let listening = log
+            .lines()
+            .find(|l| l.contains("msg=listening"))
+            .unwrap_or_else(|| panic!("no listening line: {log}"));
+        assert!(listening.contains("mode=proxy+http"), "{listening}");
+    }
+}

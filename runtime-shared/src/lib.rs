@@ -1,9 +1,11 @@
 //! The runtime-neutral half of Switchyard's runtimes: everything between the sockets and the
 //! sans-IO core that needs no particular executor, written once against [`Executor`].
 //!
-//! Nothing here decides protocol behaviour. A node accepts TCP, reads a request head (applying
-//! the core's `header_timeout` and `max_head_size`), asks the [`Gate`] for a [`Verdict`] and
-//! carries it out, then pumps WebSocket frames between each socket and its shard.
+//! Nothing here decides protocol behaviour. A node accepts TCP, reads a PROXY v2 header when the
+//! listener requires one (as the core's `judge_proxy_header` directs), reads a request head
+//! (applying the core's `header_timeout`, counted from the accept, and `max_head_size`), asks the
+//! [`Gate`] for a [`Verdict`] and carries it out, then pumps WebSocket frames between each socket
+//! and its shard.
 //!
 //! # Architecture
 //!
@@ -43,6 +45,7 @@ pub mod http;
 #[cfg(all(test, switchyard_loom))]
 mod loom_models;
 mod node;
+pub mod proxy;
 mod published;
 pub mod queue;
 pub mod scanner;
@@ -134,6 +137,10 @@ pub struct Options {
     /// Performs push wakes; `None` when push is off. `config.push_enabled` should be set
     /// exactly when this is `Some` (a wake the core admits without a sink is ignored).
     pub push: Option<Arc<dyn PushSink>>,
+    /// `--proxy-protocol`: every main-listener connection must begin with a PROXY v2 header,
+    /// whose source address is then the client's (PROTOCOL.md §3.2). The metrics listener never
+    /// takes one.
+    pub proxy_protocol: bool,
 }
 
 impl fmt::Debug for Options {
@@ -144,6 +151,7 @@ impl fmt::Debug for Options {
             .field("workers", &self.workers)
             .field("config", &self.config)
             .field("push", &self.push.is_some())
+            .field("proxy_protocol", &self.proxy_protocol)
             .finish_non_exhaustive()
     }
 }

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::{Sender, TrySendError};
 use async_tungstenite::WebSocketStream;
@@ -15,10 +15,11 @@ use switchyard_core::{
 };
 
 use crate::driver::{self, ConnDriver, Event};
-use crate::future::{race, sleep, timeout, yield_now};
+use crate::future::{deadline_after, race, sleep, timeout, timeout_at, yield_now};
 use crate::gate::SharedGate;
 use crate::head::{Head, read_head};
 use crate::http::{self, MetricsRoute};
+use crate::proxy::read_proxy_header;
 use crate::published::Published;
 use crate::queue::ConnQueue;
 use crate::scanner::Watched;
@@ -53,6 +54,8 @@ struct Node<E> {
     stopping: Flag,
     render_metrics: RenderMetrics,
     push: Option<Arc<dyn PushSink>>,
+    /// Every main-listener connection begins with a PROXY v2 header (§3.2).
+    proxy_protocol: bool,
 }
 
 impl<E: Executor> Node<E> {
@@ -153,6 +156,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         stopping: Flag::default(),
         render_metrics: options.render_metrics,
         push: options.push,
+        proxy_protocol: options.proxy_protocol,
     });
     let (shard_alive, shards_done) = signal::latch();
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -280,10 +284,13 @@ async fn accept_loop<E: Executor>(
         match race(stopped.as_mut(), accepted).await {
             None => break,
             Some(Ok((stream, peer))) => {
+                // Stage 0's limit runs from the accept (§3).
+                let deadline = deadline_after::<E>(node.config.header_timeout);
                 let node = node.clone();
+                let exec = node.exec.clone();
                 match kind {
-                    Listener::Main => node.exec.clone().spawn(serve_main(node, stream, peer)),
-                    Listener::Metrics => node.exec.clone().spawn(serve_metrics(node, stream)),
+                    Listener::Main => exec.spawn(serve_main(node, stream, peer, deadline)),
+                    Listener::Metrics => exec.spawn(serve_metrics(node, stream, deadline)),
                 }
             }
             Some(Err(e)) => {
@@ -297,20 +304,17 @@ async fn accept_loop<E: Executor>(
     drop(alive);
 }
 
-/// Reads the request head within the header timeout; `None`: timed out, ended, failed, or the
+/// A stage-0 read (§3) finished by `deadline`; `None`: timed out, ended, failed, refused, or the
 /// node is stopping. The connection is then closed writing nothing.
-async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Head> {
+async fn stage_0<E: Executor, T>(
+    node: &Node<E>,
+    deadline: Instant,
+    read: impl Future<Output = io::Result<Option<T>>>,
+) -> Option<T> {
     if node.stopping.is_set() {
         return None;
     }
-    let read = async {
-        timeout::<E, _>(
-            node.config.header_timeout,
-            read_head(socket, node.config.max_head_size),
-        )
-        .await?
-        .ok()?
-    };
+    let read = async { timeout_at::<E, _>(deadline, read).await?.ok()? };
     let stopped = async {
         node.stopping.wait().await;
         None
@@ -318,12 +322,41 @@ async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Hea
     race(read, stopped).await
 }
 
-/// Serves one connection of the main listener.
-async fn serve_main<E: Executor>(node: Arc<Node<E>>, socket: E::Stream, peer: SocketAddr) {
+/// Reads the request head by `deadline`.
+async fn head<E: Executor>(
+    node: &Node<E>,
+    socket: &mut E::Stream,
+    deadline: Instant,
+) -> Option<Head> {
+    stage_0(node, deadline, read_head(socket, node.config.max_head_size)).await
+}
+
+/// The transport peer (§3.1): the TCP peer, or with `--proxy-protocol` the source of the PROXY
+/// v2 header read by `deadline` (§3.2). `None`: no acceptable header in time.
+async fn transport_peer<E: Executor>(
+    node: &Node<E>,
+    socket: &mut E::Stream,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Option<IpAddr> {
+    if !node.proxy_protocol {
+        return Some(peer.ip());
+    }
+    let source = stage_0(node, deadline, read_proxy_header(socket)).await?;
+    Some(source.ip())
+}
+
+/// Serves one connection of the main listener; stage 0 ends by `deadline`.
+async fn serve_main<E: Executor>(
+    node: Arc<Node<E>>,
+    socket: E::Stream,
+    peer: SocketAddr,
+    deadline: Instant,
+) {
     // The task keeps only what an upgraded connection needs for its whole life: everything
-    // before (head, response, linger, 101) is a boxed future, freed when it ends, so an idle
-    // connection's task holds its driver and little more.
-    if let Some(upgraded) = Box::pin(admit(&node, socket, peer)).await {
+    // before (PROXY header, head, response, linger, 101) is a boxed future, freed when it ends,
+    // so an idle connection's task holds its driver and little more.
+    if let Some(upgraded) = Box::pin(admit(&node, socket, peer, deadline)).await {
         carry(&node, upgraded).await;
     }
 }
@@ -343,9 +376,11 @@ async fn admit<E: Executor>(
     node: &Node<E>,
     mut socket: E::Stream,
     peer: SocketAddr,
+    deadline: Instant,
 ) -> Option<Upgraded<E::Stream>> {
-    let Head { head, rest } = self::head(node, &mut socket).await?;
-    let verdict = node.handle_head(peer.ip().to_canonical(), &head);
+    let client = transport_peer(node, &mut socket, peer, deadline).await?;
+    let Head { head, rest } = self::head(node, &mut socket, deadline).await?;
+    let verdict = node.handle_head(client.to_canonical(), &head);
     drop(head);
     let (response, slot, open) = match verdict {
         Verdict::Drop => return None,
@@ -486,8 +521,8 @@ async fn linger<E: Executor>(node: &Node<E>, mut socket: E::Stream) {
     .await;
 }
 
-async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
-    let Some(head) = head(&node, &mut socket).await else {
+async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, deadline: Instant) {
+    let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
     let response = match http::metrics_route(&head.head) {

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod doubles;
+pub mod proxy;
 pub mod push;
 pub mod scenarios;
 
@@ -27,6 +28,10 @@ pub trait RelayUnderTest {
     /// As [`start`](RelayUnderTest::start), with `push` performing the wakes (push is on when
     /// `config.push_enabled`).
     fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running;
+
+    /// As [`start`](RelayUnderTest::start), with `--proxy-protocol`: every connection to the main
+    /// listener must begin with a PROXY v2 header (§3.2).
+    fn start_proxied(config: Config) -> Running;
 }
 
 /// What a scenario needs from a running node.
@@ -132,13 +137,21 @@ pub mod runtimes {
 
     impl RelayUnderTest for Tokio {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, switchyard_tokio::start)
+            start(config, push, false, switchyard_tokio::start)
+        }
+
+        fn start_proxied(config: Config) -> Running {
+            start(config, None, true, switchyard_tokio::start)
         }
     }
 
     impl RelayUnderTest for Smol {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, switchyard_smol::start)
+            start(config, push, false, switchyard_smol::start)
+        }
+
+        fn start_proxied(config: Config) -> Running {
+            start(config, None, true, switchyard_smol::start)
         }
     }
 
@@ -166,6 +179,7 @@ pub mod runtimes {
     fn start<E: Executor>(
         config: Config,
         push: Option<Arc<dyn PushSink>>,
+        proxy_protocol: bool,
         start: fn(Options) -> std::io::Result<Handle<E>>,
     ) -> Running {
         let opts = switchyard::MetricsOptions {
@@ -180,6 +194,7 @@ pub mod runtimes {
             seed: Some([42; 32]),
             render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
             push,
+            proxy_protocol,
         })
         .expect("start the runtime");
         let addr = handle.local_addr();
@@ -203,6 +218,13 @@ macro_rules! suite {
             push_errors_and_timeouts_are_send_failed,
             push_in_flight_cap_drops_excess,
             push_logs_fingerprint_never_token,
+        );
+        $crate::suite!(@each $rt; proxy;
+            item_24_source_keys_bucket_and_ip_cap,
+            item_24_refused_headers_close_silently,
+            item_24_header_and_head_share_one_deadline,
+            item_24_forwarded_for_over_proxy_source,
+            item_24_healthz_through_proxy_metrics_without,
         );
         $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,
