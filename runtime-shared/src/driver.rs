@@ -200,7 +200,8 @@ where
         matches!(self.codec, Codec::Asleep(_))
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    /// Polls for the next thing the shard must hear about.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let controls = self.state.queue.poll_controls(cx);
         if controls.aborted {
             return Poll::Ready(Event::End(Ended::Local));

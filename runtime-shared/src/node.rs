@@ -2,9 +2,10 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use async_channel::{Sender, TrySendError};
@@ -15,7 +16,7 @@ use switchyard_core::{
 };
 
 use crate::driver::{self, ConnDriver, Event};
-use crate::future::{deadline_after, race, sleep, timeout, timeout_at, yield_now};
+use crate::future::{deadline_after, race, sleep, timeout, timeout_at};
 use crate::gate::SharedGate;
 use crate::head::{Head, read_head};
 use crate::http::{self, MetricsRoute};
@@ -353,11 +354,26 @@ async fn serve_main<E: Executor>(
     peer: SocketAddr,
     deadline: Instant,
 ) {
-    // The task keeps only what an upgraded connection needs for its whole life: everything
-    // before (PROXY header, head, response, linger, 101) is a boxed future, freed when it ends,
-    // so an idle connection's task holds its driver and little more.
-    if let Some(upgraded) = Box::pin(admit(&node, socket, peer, deadline)).await {
-        carry(&node, upgraded).await;
+    // An upgraded connection moves to a task of its own, which holds only what it needs for
+    // the rest of its life: this one, with everything before (PROXY header, head, response,
+    // linger, 101), ends here, so an idle connection carries none of it.
+    if let Some(upgraded) = admit(&node, socket, peer, deadline).await {
+        let exec = node.exec.clone();
+        let Upgraded {
+            conn,
+            shard,
+            slot,
+            driver,
+        } = upgraded;
+        exec.spawn(Carry {
+            node,
+            conn,
+            shard,
+            slot: Some(slot),
+            driver,
+            events: 0,
+            sending: None,
+        });
     }
 }
 
@@ -421,21 +437,89 @@ async fn admit<E: Executor>(
     })
 }
 
-/// Runs an upgraded connection until its socket is gone, then releases it.
-async fn carry<E: Executor>(node: &Node<E>, upgraded: Upgraded<E::Stream>) {
-    let Upgraded {
-        conn,
-        shard,
-        slot,
-        driver,
-    } = upgraded;
-    let tx = &node.shards[shard].tx;
-    let ended = match driver {
-        Some(driver) => pump(conn, driver, tx).await,
-        None => Ended::Dropped,
-    };
-    node.release(slot);
-    let _ = Box::pin(tx.send(ShardMsg::Input(Input::Closed { conn, ended }))).await;
+/// An upgraded connection's task: runs its driver until the socket is gone, then releases the
+/// connection. Written by hand rather than as an `async fn` because it is what every idle
+/// connection holds, and a generator keeps a copy of the driver per level of nesting.
+struct Carry<E: Executor> {
+    node: Arc<Node<E>>,
+    conn: ConnKey,
+    shard: usize,
+    /// Released once the socket is gone.
+    slot: Option<Slot>,
+    /// `None` once the socket is gone (or the 101 could not be written).
+    driver: Option<ConnDriver<E::Stream>>,
+    /// Events since the task last let others on its worker run.
+    events: u32,
+    /// A message waiting for room in the shard's channel, or the final `Closed`: `false` if the
+    /// shard is gone.
+    sending: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
+}
+
+impl<E: Executor> Carry<E> {
+    fn send(&mut self, msg: ShardMsg) {
+        let tx = &self.node.shards[self.shard].tx;
+        match tx.try_send(msg) {
+            Ok(()) => {}
+            // Rare, so boxed: an idle connection's task should not carry a send's size.
+            Err(TrySendError::Full(msg)) => {
+                let tx = tx.clone();
+                self.sending = Some(Box::pin(async move { tx.send(msg).await.is_ok() }));
+            }
+            Err(TrySendError::Closed(_)) => self.end(Ended::Local),
+        }
+    }
+
+    /// The socket is gone (dropped here): release the slots, tell the shard.
+    fn end(&mut self, ended: Ended) {
+        self.driver = None;
+        if let Some(slot) = self.slot.take() {
+            self.node.release(slot);
+            let closed = ShardMsg::Input(Input::Closed {
+                conn: self.conn,
+                ended,
+            });
+            let tx = self.node.shards[self.shard].tx.clone();
+            self.sending = Some(Box::pin(async move { tx.send(closed).await.is_ok() }));
+        }
+    }
+}
+
+impl<E: Executor> Future for Carry<E> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.driver.is_none() && this.slot.is_some() {
+            this.end(Ended::Dropped);
+        }
+        loop {
+            if let Some(sending) = &mut this.sending {
+                let delivered = ready!(sending.as_mut().poll(cx));
+                this.sending = None;
+                if !delivered {
+                    this.end(Ended::Local);
+                }
+                continue;
+            }
+            let Some(driver) = &mut this.driver else {
+                return Poll::Ready(());
+            };
+            this.events += 1;
+            if this.events == FAIR_SHARE {
+                this.events = 0;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match ready!(driver.poll_event(cx)) {
+                Event::Input(input) => this.send(ShardMsg::Input(input)),
+                Event::Written(count) => this.send(ShardMsg::Written {
+                    conn: this.conn,
+                    count,
+                }),
+                Event::End(ended) => this.end(ended),
+            }
+        }
+    }
 }
 
 /// Writes a non-101 response, releases its slots, and lingers (§2.1).
@@ -465,37 +549,6 @@ async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     socket.flush().await.ok()?;
     drop(response);
     Some(driver::accept(socket, rest, config.max_message_size).await)
-}
-
-/// Carries one upgraded connection until its socket is gone; the socket is dropped on return.
-async fn pump<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    conn: ConnKey,
-    mut driver: ConnDriver<S>,
-    tx: &Sender<ShardMsg>,
-) -> Ended {
-    let mut events = 0;
-    loop {
-        events += 1;
-        if events == FAIR_SHARE {
-            events = 0;
-            yield_now().await;
-        }
-        let msg = match driver.next_event().await {
-            Event::Input(input) => ShardMsg::Input(input),
-            Event::Written(count) => ShardMsg::Written { conn, count },
-            Event::End(ended) => return ended,
-        };
-        // The waiting send is boxed: it is rare, and an idle connection's task should not
-        // carry its size.
-        let sent = match tx.try_send(msg) {
-            Ok(()) => true,
-            Err(TrySendError::Full(msg)) => Box::pin(tx.send(msg)).await.is_ok(),
-            Err(TrySendError::Closed(_)) => false,
-        };
-        if !sent {
-            return Ended::Local;
-        }
-    }
 }
 
 /// After a response: shut down the sending side, discard input for up to a second, close
