@@ -17,6 +17,7 @@ use switchyard_core::{
 use crate::driver::{self, ConnDriver, Event};
 use crate::future::{race, sleep, timeout, yield_now};
 use crate::gate::SharedGate;
+use crate::gauges::Gauges;
 use crate::head::{Head, read_head};
 use crate::http::{self, MetricsRoute};
 use crate::published::Published;
@@ -51,6 +52,7 @@ struct Node<E> {
     stopping: Flag,
     render_metrics: RenderMetrics,
     push: Option<Arc<dyn PushSink>>,
+    gauges: Gauges,
 }
 
 impl<E: Executor> Node<E> {
@@ -70,6 +72,7 @@ impl<E: Executor> Node<E> {
         if let Some(push) = &self.push {
             sum.add(&push.counters());
         }
+        self.gauges.read_into(&mut sum);
         sum
     }
 
@@ -150,6 +153,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         stopping: Flag::default(),
         render_metrics: options.render_metrics,
         push: options.push,
+        gauges: Gauges::default(),
     });
     let (shard_alive, shards_done) = signal::latch();
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -310,9 +314,12 @@ async fn head<E: Executor>(node: &Node<E>, socket: &mut E::Stream) -> Option<Hea
 }
 
 async fn serve_main<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, peer: SocketAddr) {
+    let _open = node.gauges.open();
+    let pending = node.gauges.pending_head();
     let Some(Head { head, rest }) = head(&node, &mut socket).await else {
         return;
     };
+    drop(pending);
     let verdict = node.handle_head(peer.ip().to_canonical(), &head);
     drop(head);
     match verdict {
