@@ -138,7 +138,8 @@ where
                 return Poll::Ready(e);
             }
         }
-        if !controls.paused || self.reading == Reading::Discarding {
+        let may_read = !controls.paused && !controls.credit_exhausted;
+        if may_read || self.reading == Reading::Discarding {
             if let Poll::Ready(e) = self.poll_read(cx) {
                 return Poll::Ready(e);
             }
@@ -191,6 +192,7 @@ where
                 Err(e) => return Poll::Ready(self.read_error(e)),
             };
             self.started_reported = false;
+            self.queue.message_read();
             return Poll::Ready(self.input(|conn| Input::Message { conn, data }));
         }
     }

@@ -340,7 +340,7 @@ async fn serve_main<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, peer
         } => {
             let conn = ConnKey(node.next_conn.fetch_add(1, Ordering::Relaxed));
             let shard = &node.shards[open.server_id.shard(node.shards.len())];
-            let queue = Arc::new(ConnQueue::new());
+            let queue = Arc::new(ConnQueue::for_role(&open.role));
             // The shard hears of the connection before the client can see its 101, so anything
             // the client does after the 101 (or makes others do) reaches the shard after the
             // claim or registration. Commands issued meanwhile wait in the queue.
