@@ -208,6 +208,7 @@ macro_rules! suite {
             item_11_head_size_limit,
             item_12_oversized_head_with_empty_bucket,
             item_13_head_timeout_closes_silently,
+            item_13_slowloris_does_not_stop_new_clients,
             item_14_binary_required_headers,
             item_15_phone_required_headers,
             item_16_v2_aliases,
