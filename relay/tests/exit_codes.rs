@@ -162,15 +162,18 @@ fn unimplemented_features_refuse_to_start_with_exit_2() {
 
 const RUNTIMES: [&str; 2] = ["tokio", "smol"];
 
+/// Environment variables given to the relay.
+type Env = &'static [(&'static str, &'static str)];
+
 /// The two ways to ask for production mode: the flag, and the reference relay's variable.
-const PRODUCTION_WAYS: [(&[&str], &[(&str, &str)]); 2] = [
+const PRODUCTION_WAYS: [(&[&str], Env); 2] = [
     (&["--production"], &[]),
     (&[], &[("PYRYCODE_RELAY_PRODUCTION", "1")]),
 ];
 
 /// Every combination of runtime and way of asking for production mode, as extra arguments and
 /// environment.
-fn production_variants() -> Vec<(Vec<&'static str>, &'static [(&'static str, &'static str)])> {
+fn production_variants() -> Vec<(Vec<&'static str>, Env)> {
     let mut v = Vec::new();
     for runtime in RUNTIMES {
         for (flags, env) in PRODUCTION_WAYS {
