@@ -1278,7 +1278,7 @@ pub fn item_55_read_timeout<R: RelayUnderTest>() {
     assert_eq!(b.text(), envelope(&idle_id, "[2]"));
 
     // The deadline is per message, not per byte: a message that keeps trickling in, a fragment
-    // every third of the deadline, is closed all the same; the idle phone is served meanwhile.
+    // every sixth of the deadline, is closed all the same; the idle phone is served meanwhile.
     let mut trickler = phone(relay.addr, "i55");
     trickler.send("[3]");
     let trickler_id = conn_id(&b.text());
@@ -1288,7 +1288,7 @@ pub fn item_55_read_timeout<R: RelayUnderTest>() {
     assert_eq!(b.text(), envelope(&idle_id, "[4]"));
     let mut fragments = 1;
     let close = loop {
-        if let Some(m) = trickler.recv_within(timeout / 3) {
+        if let Some(m) = trickler.recv_within(timeout / 6) {
             break m;
         }
         assert!(
@@ -1362,7 +1362,6 @@ pub fn item_57_phone_stops_reading<R: RelayUnderTest>() {
     // the kernel's), then the outbox overflows. The sibling gets a numbered frame now and then.
     let mut got_notice = false;
     let mut to_sibling = 0;
-    let mut peak = 0;
     for i in 0..8000 {
         b.send(&envelope(&slow_id, &frame));
         if i % 16 == 0 {
@@ -1374,7 +1373,6 @@ pub fn item_57_phone_stops_reading<R: RelayUnderTest>() {
                 "phone outboxes hold {} bytes, over the {budget}-byte budget",
                 c.phone_outbox_bytes
             );
-            peak = peak.max(c.phone_outbox_bytes);
             if let Some(m) = b.recv_within(ms(1)) {
                 assert_eq!(m, Msg::Text(notice_text.clone()));
                 got_notice = true;
@@ -1385,10 +1383,6 @@ pub fn item_57_phone_stops_reading<R: RelayUnderTest>() {
     if !got_notice {
         assert_eq!(b.text(), notice_text);
     }
-    assert!(
-        peak > 0,
-        "the outbox never held anything: the flood did not reach it"
-    );
     // Everything queued for it was dropped for the backlog; the phone gets §10.1's close after
     // what its socket already held.
     counted(&relay, "backlog dropped", |c| {
