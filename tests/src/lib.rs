@@ -252,6 +252,7 @@ macro_rules! suite {
             item_55_read_timeout,
             item_56_ping_answered,
             item_57_phone_stops_reading,
+            item_57_phone_write_timeout,
             item_58_burst_to_one_phone,
             item_59_binary_stalls_briefly,
             item_60_binary_never_resumes,

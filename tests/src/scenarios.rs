@@ -1414,6 +1414,52 @@ pub fn item_57_phone_stops_reading<R: RelayUnderTest>() {
     settles_at(&relay, 2);
 }
 
+/// The other way item 57 ends (§9): a phone whose socket stays full for the write timeout, while
+/// its outbox is still under budget, is dropped at once (decision C8): notice 1011, no close
+/// frame, its queued frames counted `phone_gone`.
+pub fn item_57_phone_write_timeout<R: RelayUnderTest>() {
+    let budget = Config::default().phone_outbox_bytes as u64;
+    let relay = start::<R>(|c| c.write_timeout = ms(500));
+    let (mut b, mut sibling, sibling_id) = pair(relay.addr, "i57w");
+    let mut slow = stalled(relay.addr, "/v1/client", &phone_headers("i57w"));
+    slow.send("{}");
+    let slow_id = conn_id(&b.text());
+    let frame = format!(r#"{{"pad":"{}"}}"#, "x".repeat(4000));
+    let notice_text = notice(&slow_id, 1011);
+    // About 4 KB a millisecond: the kernel's buffers fill within a second or two, and the
+    // write timeout then fires long before the 4 MiB budget could.
+    let t = Instant::now();
+    loop {
+        b.send(&envelope(&slow_id, &frame));
+        let c = relay.counters();
+        assert!(c.phone_outbox_bytes <= budget, "{c:?}");
+        if let Some(m) = b.recv_within(ms(1)) {
+            assert_eq!(m, Msg::Text(notice_text.clone()));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no notice");
+    }
+    // Dropped, not closed: whatever its socket held, then the end, never a close frame.
+    loop {
+        match slow.recv() {
+            Msg::Text(_) => {}
+            Msg::Gone => break,
+            other => panic!("expected the connection to be dropped, got {other:?}"),
+        }
+    }
+    counted(&relay, "queued frames dropped as phone_gone", |c| {
+        c.dropped(DropReason::PhoneGone) > 0 && c.connected_phones == 1
+    });
+    let c = relay.counters();
+    assert_eq!(c.dropped(DropReason::PhoneBacklogFull), 0, "{c:?}");
+    b.send(&envelope(&sibling_id, "[57]"));
+    assert_eq!(sibling.text(), "[57]");
+    sibling.send("[58]");
+    assert_eq!(b.text(), envelope(&sibling_id, "[58]"));
+    counted(&relay, "outboxes empty", |c| c.phone_outbox_bytes == 0);
+    settles_at(&relay, 2);
+}
+
 pub fn item_58_burst_to_one_phone<R: RelayUnderTest>() {
     let relay = start::<R>(|_| {});
     let (mut b, mut p, id) = pair(relay.addr, "i58");
