@@ -206,13 +206,15 @@ where
         if controls.aborted {
             return Poll::Ready(Event::End(Ended::Local));
         }
+        // Paused by the shard (§10), or a phone's message read and not yet taken (A3).
+        let may_read = !controls.paused && !controls.credit_exhausted;
         loop {
             match &mut self.codec {
                 Codec::Awake(ws) => {
-                    if let Poll::Ready(event) = self.state.poll_awake(ws, controls.paused, cx) {
+                    if let Poll::Ready(event) = self.state.poll_awake(ws, may_read, cx) {
                         return Poll::Ready(event);
                     }
-                    if !self.state.may_sleep(ws, controls.paused, cx) {
+                    if !self.state.may_sleep(ws, may_read, cx) {
                         return Poll::Pending;
                     }
                     if let Codec::Awake(ws) = std::mem::replace(&mut self.codec, Codec::Moving) {
@@ -221,7 +223,7 @@ where
                     }
                 }
                 Codec::Asleep(socket) => {
-                    match ready!(self.state.poll_asleep(socket, controls.paused, cx)) {
+                    match ready!(self.state.poll_asleep(socket, may_read, cx)) {
                         Asleep::Event(event) => return Poll::Ready(event),
                         Asleep::Wake(read) => {
                             let max = self.max_message_size;
@@ -245,7 +247,7 @@ where
 }
 
 impl State {
-    fn poll_awake<S>(&mut self, ws: &mut Ws<S>, paused: bool, cx: &mut Context<'_>) -> Poll<Event>
+    fn poll_awake<S>(&mut self, ws: &mut Ws<S>, may_read: bool, cx: &mut Context<'_>) -> Poll<Event>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -255,7 +257,7 @@ impl State {
                 return Poll::Ready(e);
             }
         }
-        if !paused || self.reading == Reading::Discarding {
+        if may_read || self.reading == Reading::Discarding {
             if let Poll::Ready(e) = self.poll_read(ws, cx) {
                 return Poll::Ready(e);
             }
@@ -271,12 +273,12 @@ impl State {
     /// Whether the codec can go: the connection is quiet, the codec has returned every frame it
     /// read, holds no partial message and has flushed everything, and nothing waits to be sent.
     /// Both sides returned `Pending`, so wake-ups are registered.
-    fn may_sleep<S>(&mut self, ws: &mut Ws<S>, paused: bool, cx: &mut Context<'_>) -> bool
+    fn may_sleep<S>(&mut self, ws: &mut Ws<S>, may_read: bool, cx: &mut Context<'_>) -> bool
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         self.quiet
-            && !paused
+            && may_read
             && self.reading == Reading::Frames
             && self.peer_close.is_none()
             && !self.close_queued
@@ -292,7 +294,7 @@ impl State {
     fn poll_asleep<S>(
         &mut self,
         socket: &mut Watched<S>,
-        paused: bool,
+        may_read: bool,
         cx: &mut Context<'_>,
     ) -> Poll<Asleep>
     where
@@ -301,7 +303,7 @@ impl State {
         if self.queue.has_cmd() {
             return Poll::Ready(Asleep::Wake(Vec::new()));
         }
-        if paused {
+        if !may_read {
             return Poll::Pending;
         }
         let mut byte = [0; 1];
@@ -357,6 +359,7 @@ impl State {
             self.started_reported = false;
             self.active = true;
             self.quiet = false;
+            self.queue.message_read();
             return Poll::Ready(self.input(|conn| Input::Message { conn, data }));
         }
     }

@@ -40,6 +40,7 @@
 pub mod driver;
 mod future;
 mod gate;
+mod gauges;
 pub mod head;
 pub mod http;
 #[cfg(all(test, switchyard_loom))]

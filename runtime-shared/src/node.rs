@@ -18,6 +18,7 @@ use switchyard_core::{
 use crate::driver::{self, ConnDriver, Event};
 use crate::future::{deadline_after, race, sleep, timeout, timeout_at};
 use crate::gate::SharedGate;
+use crate::gauges::{Gauges, Held};
 use crate::head::{Head, read_head};
 use crate::http::{self, MetricsRoute};
 use crate::proxy::read_proxy_header;
@@ -57,6 +58,7 @@ struct Node<E> {
     push: Option<Arc<dyn PushSink>>,
     /// Every main-listener connection begins with a PROXY v2 header (§3.2).
     proxy_protocol: bool,
+    gauges: Gauges,
 }
 
 impl<E: Executor> Node<E> {
@@ -76,6 +78,7 @@ impl<E: Executor> Node<E> {
         if let Some(push) = &self.push {
             sum.add(&push.counters());
         }
+        self.gauges.read_into(&mut sum);
         sum
     }
 
@@ -158,6 +161,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         render_metrics: options.render_metrics,
         push: options.push,
         proxy_protocol: options.proxy_protocol,
+        gauges: Gauges::default(),
     });
     let (shard_alive, shards_done) = signal::latch();
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -357,6 +361,7 @@ async fn serve_main<E: Executor>(
     // An upgraded connection moves to a task of its own, which holds only what it needs for
     // the rest of its life: this one, with everything before (PROXY header, head, response,
     // linger, 101), ends here, so an idle connection carries none of it.
+    let open = node.gauges.open();
     if let Some(upgraded) = admit(&node, socket, peer, deadline).await {
         let exec = node.exec.clone();
         let Upgraded {
@@ -371,6 +376,7 @@ async fn serve_main<E: Executor>(
             shard,
             slot: Some(slot),
             driver,
+            open: Some(open),
             events: 0,
             sending: None,
         });
@@ -394,8 +400,10 @@ async fn admit<E: Executor>(
     peer: SocketAddr,
     deadline: Instant,
 ) -> Option<Upgraded<E::Stream>> {
+    let pending = node.gauges.pending_head();
     let client = transport_peer(node, &mut socket, peer, deadline).await?;
     let Head { head, rest } = self::head(node, &mut socket, deadline).await?;
+    drop(pending);
     let verdict = node.handle_head(client.to_canonical(), &head);
     drop(head);
     let (response, slot, open) = match verdict {
@@ -412,7 +420,7 @@ async fn admit<E: Executor>(
     };
     let conn = ConnKey(node.next_conn.fetch_add(1, Ordering::Relaxed));
     let shard = open.server_id.shard(node.shards.len());
-    let queue = Arc::new(ConnQueue::new());
+    let queue = Arc::new(ConnQueue::for_role(&open.role));
     // The shard hears of the connection before the client can see its 101, so anything the
     // client does after the 101 (or makes others do) reaches the shard after the claim or
     // registration. Commands issued meanwhile wait in the queue.
@@ -448,6 +456,8 @@ struct Carry<E: Executor> {
     slot: Option<Slot>,
     /// `None` once the socket is gone (or the 101 could not be written).
     driver: Option<ConnDriver<E::Stream>>,
+    /// Counts the connection in `open_connections` until its socket is gone.
+    open: Option<Held>,
     /// Events since the task last let others on its worker run.
     events: u32,
     /// A message waiting for room in the shard's channel, or the final `Closed`: `false` if the
@@ -472,6 +482,7 @@ impl<E: Executor> Carry<E> {
     /// The socket is gone (dropped here): release the slots, tell the shard.
     fn end(&mut self, ended: Ended) {
         self.driver = None;
+        self.open = None;
         if let Some(slot) = self.slot.take() {
             self.node.release(slot);
             let closed = ShardMsg::Input(Input::Closed {

@@ -297,13 +297,18 @@ impl Ws {
 
     /// Sends one frame of a TEXT message; `fin` ends it.
     pub fn send_fragment(&mut self, first: bool, payload: &[u8], fin: bool) {
+        assert!(self.try_send_fragment(first, payload, fin), "send frame");
+    }
+
+    /// As [`send_fragment`](Ws::send_fragment); `false` once the connection is gone.
+    pub fn try_send_fragment(&mut self, first: bool, payload: &[u8], fin: bool) -> bool {
         let op = if first {
             OpCode::Data(Data::Text)
         } else {
             OpCode::Data(Data::Continue)
         };
         let frame = Frame::message(Bytes::copy_from_slice(payload), op, fin);
-        self.ws.send(Message::Frame(frame)).expect("send frame");
+        self.ws.send(Message::Frame(frame)).is_ok()
     }
 
     /// Sends a close frame with `code` (any value, even one not allowed on the wire).
