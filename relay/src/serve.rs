@@ -14,7 +14,7 @@ use switchyard_runtime::{Executor, Handle, Options, PushSink};
 
 use crate::cli::{ListenAddr, Push, Runtime, Settings, Tls};
 use crate::metrics::{MetricsOptions, render};
-use crate::tls::{RELOAD_INTERVAL, Watcher, watch};
+use crate::tls::{RELOAD_INTERVAL, WatchError, Watcher, watch};
 
 /// Exit code 1: a listener could not be bound, or the node cannot run as configured (§13).
 const EXIT_LISTENER: u8 = 1;
@@ -75,9 +75,16 @@ pub fn run(settings: Settings) -> ExitCode {
     let (tls, _watcher) = match tls_files(&settings.tls) {
         Ok(Some((config, watcher))) => (Some(config), Some(watcher)),
         Ok(None) => (None, None),
-        Err(e) => {
+        Err(WatchError::Pair(e)) => {
             tracing::error!(reason = "tls_file", err = e.text(), "refusing_to_start");
             return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(WatchError::Thread) => {
+            tracing::error!(
+                err = "cannot start the TLS file watcher",
+                "refusing_to_start"
+            );
+            return ExitCode::from(EXIT_LISTENER);
         }
     };
     let metrics = MetricsOptions::from_settings(&settings);
@@ -170,8 +177,7 @@ pub fn pusher(push: &Push, config: &Config) -> Result<Arc<dyn PushSink>, KeyErro
 /// `--tls-cert`/`--tls-key`; `None` for plain HTTP.
 fn tls_files(
     tls: &Tls,
-) -> Result<Option<(Arc<switchyard_runtime::rustls::ServerConfig>, Watcher)>, crate::tls::PairError>
-{
+) -> Result<Option<(Arc<switchyard_runtime::rustls::ServerConfig>, Watcher)>, WatchError> {
     let Tls::Files { cert, key } = tls else {
         return Ok(None);
     };

@@ -122,6 +122,14 @@ where
         }
     }
 
+    /// Ends the transport without waiting: over TLS a close_notify goes out if the socket
+    /// takes it at once, then TCP's sending side is shut down. Nothing waits on a stalled peer
+    /// (write timeout, abort): the caller drops the socket right after.
+    pub fn close_transport_now(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = Pin::new(self.ws.get_mut()).poll_close(&mut cx);
+    }
+
     /// Waits for the next thing the shard must hear about.
     pub async fn next_event(&mut self) -> Event {
         poll_fn(|cx| self.poll_event(cx)).await

@@ -454,7 +454,10 @@ async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
                     return Ended::Local;
                 }
             }
-            Event::End(ended) => return ended,
+            Event::End(ended) => {
+                driver.close_transport_now();
+                return ended;
+            }
         }
     }
 }

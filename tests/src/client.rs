@@ -377,6 +377,22 @@ impl Ws {
         self.ws.get_ref()
     }
 
+    /// After the close handshake: reads the transport to its end; `true` if it ended cleanly
+    /// (over TLS: close_notify before TCP's end).
+    pub fn transport_ends_cleanly(&mut self) -> bool {
+        let conn = self.ws.get_mut();
+        let _ = conn.tcp().set_read_timeout(Some(WAIT));
+        let mut buf = [0; 1024];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub fn send(&mut self, text: &str) {
         self.send_message(Message::text(text));
     }

@@ -157,6 +157,10 @@ pub fn tls_binary_and_phone_exchange<R: RelayUnderTest>() {
         assert_eq!(p.text(), i.to_string());
     }
     assert_eq!(p.close(Some(1000)), Some((1000, String::new())));
+    assert!(
+        p.transport_ends_cleanly(),
+        "no close_notify after the close handshake"
+    );
     assert_eq!(
         b.text(),
         format!(r#"{{"conn_id":"{id}","close_code":1000}}"#)
