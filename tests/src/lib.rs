@@ -222,6 +222,7 @@ macro_rules! suite {
             tls_acme_alpn_closes_after_handshake,
             tls_untrusted_client_fails_others_served,
             tls_rotation_serves_new_pair_keeps_connections,
+            tls_shutdown_drops_pending_handshakes,
         );
         $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,
