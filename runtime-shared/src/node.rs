@@ -325,6 +325,8 @@ async fn head<E: Executor, S: AsyncRead + Unpin>(
     race(read, stopped).await
 }
 
+/// One connection of the main listener: the transport steps of stage 0 (§3), all by one
+/// deadline from accept, then [`serve_http`] over the stream they leave.
 async fn serve_main<E: Executor>(node: Arc<Node<E>>, socket: E::Stream, peer: SocketAddr) {
     let deadline = stage0_deadline::<E>(&node.config);
     match node.tls.clone() {
