@@ -70,10 +70,10 @@ struct Flags {
     /// Metrics listener, IP literal and port; "" disables [default: 127.0.0.1:9090]
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
-    /// PEM certificate chain for TLS on the main listener (needs --tls-key)
+    /// PEM certificate chain for TLS on the main listener (needs --tls-key); re-read when it changes
     #[arg(long, value_name = "PATH")]
     tls_cert: Option<String>,
-    /// PEM private key for TLS on the main listener (needs --tls-cert)
+    /// PEM private key for TLS on the main listener (needs --tls-cert); re-read when it changes
     #[arg(long, value_name = "PATH")]
     tls_key: Option<String>,
     /// Host name(s) for the Host check; without --tls-cert also ACME for them (repeatable or comma list)
@@ -491,6 +491,12 @@ pub enum TlsFileProblem {
     Unreadable,
     /// No PEM block of the expected kind.
     NotPem,
+    /// The certificate is not X.509 that rustls can parse.
+    BadCertificate,
+    /// A private key ring cannot sign with.
+    UnsupportedKey,
+    /// The key's public key is not the certificate's.
+    KeyMismatch,
 }
 
 /// What is wrong with the push credentials (§14.3 item 7).
@@ -639,6 +645,25 @@ impl BootError {
             } => {
                 format!("the file named by {origin} holds no PEM block of the expected kind")
             }
+            BootError::TlsFile {
+                origin,
+                problem: TlsFileProblem::BadCertificate,
+            } => {
+                format!("the certificate named by {origin} cannot be parsed")
+            }
+            BootError::TlsFile {
+                origin,
+                problem: TlsFileProblem::UnsupportedKey,
+            } => format!(
+                "the private key named by {origin} is not a usable RSA, ECDSA or Ed25519 key"
+            ),
+            BootError::TlsFile {
+                origin,
+                problem: TlsFileProblem::KeyMismatch,
+            } => format!(
+                "the private key named by {origin} does not belong to the certificate named by \
+                 --tls-cert"
+            ),
             BootError::AcmeHttpWithoutAcme => {
                 "--acme-http-listen is set but ACME mode is off".to_owned()
             }
@@ -706,6 +731,18 @@ impl BootError {
                 ..
             } => "give a PEM certificate chain to --tls-cert and a PEM private key to --tls-key"
                 .to_owned(),
+            BootError::TlsFile {
+                problem: TlsFileProblem::BadCertificate,
+                ..
+            } => "give a PEM certificate chain, leaf first, to --tls-cert".to_owned(),
+            BootError::TlsFile {
+                problem: TlsFileProblem::UnsupportedKey,
+                ..
+            } => "give a PEM private key (PKCS#8, PKCS#1 or SEC1) to --tls-key".to_owned(),
+            BootError::TlsFile {
+                problem: TlsFileProblem::KeyMismatch,
+                ..
+            } => "give the key the certificate was issued for".to_owned(),
             BootError::AcmeHttpWithoutAcme => {
                 "give --domain without --tls-cert, or drop --acme-http-listen".to_owned()
             }
@@ -1133,9 +1170,27 @@ impl Resolver<'_> {
                 });
             }
             (Some(cert), Some(key)) => {
-                check_pem(&cert, &["CERTIFICATE"])?;
-                check_pem(&key, &["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"])?;
-                Some((PathBuf::from(cert.raw), PathBuf::from(key.raw)))
+                for s in [&cert, &key] {
+                    if s.raw.is_empty() {
+                        return Err(BootError::InvalidValue {
+                            origin: s.origin.clone(),
+                            expected: PATH_EXPECTED,
+                        });
+                    }
+                }
+                let paths = (PathBuf::from(&cert.raw), PathBuf::from(&key.raw));
+                // Loaded exactly as the listener will load it (§14.3 item 2).
+                if let Err(e) = crate::tls::load_pair(&paths.0, &paths.1) {
+                    let origin = match e.file {
+                        crate::tls::TlsFile::Cert => cert.origin,
+                        crate::tls::TlsFile::Key => key.origin,
+                    };
+                    return Err(BootError::TlsFile {
+                        origin,
+                        problem: e.problem,
+                    });
+                }
+                Some(paths)
             }
         };
 
@@ -1361,32 +1416,6 @@ fn check_production(s: &Settings, id: ProcessIdentity) -> Result<(), BootError> 
     Ok(())
 }
 
-/// Checks that the file exists, is readable and holds a PEM block with one of `labels`.
-fn check_pem(s: &Sourced, labels: &[&str]) -> Result<(), BootError> {
-    if s.raw.is_empty() {
-        return Err(BootError::InvalidValue {
-            origin: s.origin.clone(),
-            expected: PATH_EXPECTED,
-        });
-    }
-    let text = std::fs::read(&s.raw).map_err(|_| BootError::TlsFile {
-        origin: s.origin.clone(),
-        problem: TlsFileProblem::Unreadable,
-    })?;
-    let text = String::from_utf8_lossy(&text);
-    if labels
-        .iter()
-        .any(|l| text.contains(&format!("-----BEGIN {l}-----")))
-    {
-        Ok(())
-    } else {
-        Err(BootError::TlsFile {
-            origin: s.origin.clone(),
-            problem: TlsFileProblem::NotPem,
-        })
-    }
-}
-
 /// Parses a service-account key and checks the fields §14.3 item 7 names, the private key by
 /// parsing it as the JWT signer will.
 pub fn parse_service_account(text: &str) -> Result<ServiceAccount, CredentialsProblem> {
@@ -1541,11 +1570,16 @@ mod tests {
         path.to_str().unwrap().to_owned()
     }
 
-    const PEM_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-    const PEM_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n";
+    /// A self-signed certificate and its key, made now: PEM texts.
+    fn pem_pair() -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
 
     fn tls_pair() -> (String, String) {
-        (tmp_file("cert.pem", PEM_CERT), tmp_file("key.pem", PEM_KEY))
+        let (cert, key) = pem_pair();
+        (tmp_file("cert.pem", &cert), tmp_file("key.pem", &key))
     }
 
     /// A test-only RSA key (`push/testdata/`).
@@ -2178,6 +2212,63 @@ mod tests {
                 key: key.clone().into()
             }
         );
+    }
+
+    #[test]
+    fn tls_pair_must_load_and_match() {
+        let (cert, key) = tls_pair();
+        let (_, other_key) = tls_pair();
+        let e = err(&["--tls-cert", &cert, "--tls-key", &other_key], &[]);
+        assert_eq!(
+            e,
+            BootError::TlsFile {
+                origin: flag("--tls-key"),
+                problem: TlsFileProblem::KeyMismatch
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "the private key named by --tls-key does not belong to the certificate named by \
+             --tls-cert; give the key the certificate was issued for"
+        );
+        assert!(!e.to_string().contains(&other_key));
+        let e = err(
+            &[],
+            &[
+                ("SWITCHYARD_TLS_CERT", &cert),
+                ("SWITCHYARD_TLS_KEY", &other_key),
+            ],
+        );
+        assert_eq!(e.env_var(), Some("SWITCHYARD_TLS_KEY"));
+        let garbage = tmp_file(
+            "garbage.pem",
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        );
+        let e = err(&["--tls-cert", &garbage, "--tls-key", &key], &[]);
+        assert_eq!(
+            e,
+            BootError::TlsFile {
+                origin: flag("--tls-cert"),
+                problem: TlsFileProblem::BadCertificate
+            }
+        );
+        let bad_key = tmp_file(
+            "bad-key.pem",
+            "-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n",
+        );
+        let e = err(&["--tls-cert", &cert, "--tls-key", &bad_key], &[]);
+        assert_eq!(
+            e,
+            BootError::TlsFile {
+                origin: flag("--tls-key"),
+                problem: TlsFileProblem::UnsupportedKey
+            }
+        );
+        // Half-written: the certificate cut inside its PEM block.
+        let text = std::fs::read_to_string(&cert).unwrap();
+        let half = tmp_file("half.pem", &text[..text.len() / 2]);
+        let e = err(&["--tls-cert", &half, "--tls-key", &key], &[]);
+        assert_eq!(e.reason(), "tls_file");
     }
 
     #[test]

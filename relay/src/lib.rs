@@ -6,6 +6,7 @@ pub mod cli;
 pub mod logging;
 pub mod metrics;
 mod serve;
+pub mod tls;
 
 use std::process::ExitCode;
 

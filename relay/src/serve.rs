@@ -9,10 +9,12 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 use switchyard_core::Config;
 use switchyard_push::{FcmSettings, KeyError, Pusher, SigningKey};
+use switchyard_runtime::tls::{Alpn, server_config};
 use switchyard_runtime::{Executor, Handle, Options, PushSink};
 
 use crate::cli::{ListenAddr, Push, Runtime, Settings, Tls};
 use crate::metrics::{MetricsOptions, render};
+use crate::tls::{RELOAD_INTERVAL, WatchError, Watcher, watch};
 
 /// Exit code 1: a listener could not be bound, or the node cannot run as configured (§13).
 const EXIT_LISTENER: u8 = 1;
@@ -69,6 +71,22 @@ pub fn run(settings: Settings) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    // Checked at boot already; loaded again here, so a pair broken since is refused the same way.
+    let (tls, _watcher) = match tls_files(&settings.tls) {
+        Ok(Some((config, watcher))) => (Some(config), Some(watcher)),
+        Ok(None) => (None, None),
+        Err(WatchError::Pair(e)) => {
+            tracing::error!(reason = "tls_file", err = e.text(), "refusing_to_start");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(WatchError::Thread) => {
+            tracing::error!(
+                err = "cannot start the TLS file watcher",
+                "refusing_to_start"
+            );
+            return ExitCode::from(EXIT_LISTENER);
+        }
+    };
     let metrics = MetricsOptions::from_settings(&settings);
     let options = Options {
         listen,
@@ -79,6 +97,7 @@ pub fn run(settings: Settings) -> ExitCode {
         render_metrics: Arc::new(move |c| render(c, &metrics)),
         push,
         proxy_protocol: settings.proxy_protocol,
+        tls,
     };
     let started = match settings.runtime {
         Runtime::Tokio => switchyard_tokio::start(options).map(|h| serve(&settings, h, signals)),
@@ -153,19 +172,32 @@ pub fn pusher(push: &Push, config: &Config) -> Result<Arc<dyn PushSink>, KeyErro
 }
 
 /// The main listener's layers for the `listening` line, outermost first: `proxy+` when every
-/// connection must begin with a PROXY v2 header (§3.2).
+/// connection must begin with a PROXY v2 header (§3.2), then `tls` or `http`.
 fn mode(settings: &Settings) -> &'static str {
-    if settings.proxy_protocol {
-        "proxy+http"
-    } else {
-        "http"
+    match (settings.proxy_protocol, &settings.tls) {
+        (false, Tls::Off) => "http",
+        (false, Tls::Files { .. } | Tls::Acme(_)) => "tls",
+        (true, Tls::Off) => "proxy+http",
+        (true, Tls::Files { .. } | Tls::Acme(_)) => "proxy+tls",
     }
+}
+
+/// The main listener's TLS configuration and the thread that reloads its files, for
+/// `--tls-cert`/`--tls-key`; `None` for plain HTTP.
+fn tls_files(
+    tls: &Tls,
+) -> Result<Option<(Arc<switchyard_runtime::rustls::ServerConfig>, Watcher)>, WatchError> {
+    let Tls::Files { cert, key } = tls else {
+        return Ok(None);
+    };
+    let (certs, watcher) = watch(cert.clone(), key.clone(), RELOAD_INTERVAL)?;
+    Ok(Some((Arc::new(server_config(certs, Alpn::Http)), watcher)))
 }
 
 /// What the settings ask for that this build cannot do yet.
 fn not_yet_supported(settings: &Settings) -> Option<&'static str> {
-    if !matches!(settings.tls, Tls::Off) {
-        return Some("TLS is not implemented yet");
+    if matches!(settings.tls, Tls::Acme(_)) {
+        return Some("ACME is not implemented yet");
     }
     None
 }

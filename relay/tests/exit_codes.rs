@@ -97,27 +97,17 @@ fn credentials_are_never_echoed() {
     assert!(!err.contains("TOP-SECRET"), "{err}");
 }
 
-/// TLS is parsed but not built yet: refused at boot (exit 2), never silently ignored.
+/// ACME is parsed but not built yet: refused at boot (exit 2), never silently ignored.
 #[test]
 fn unimplemented_features_refuse_to_start_with_exit_2() {
     let dir = std::env::temp_dir().join(format!("switchyard-unimpl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (cert, key) = (dir.join("c.pem"), dir.join("k.pem"));
-    std::fs::write(
-        &cert,
-        "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n",
-    )
-    .unwrap();
-    std::fs::write(
-        &key,
-        "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n",
-    )
-    .unwrap();
+    let cache = dir.join("certs");
     let args = [
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
+        "--domain",
+        "relay.example.com",
+        "--cert-cache",
+        cache.to_str().unwrap(),
         "--listen",
         "127.0.0.1:1",
         "--metrics-listen",
@@ -395,4 +385,54 @@ fn production_refuses_root_and_extra_capabilities_and_starts_otherwise() {
             &format!("{context} as nobody with CAP_NET_BIND_SERVICE"),
         );
     }
+}
+
+/// §14.3 item 2: a certificate and a key that do not belong together are refused before any
+/// listener is bound, with one line naming the flag and nothing from the files.
+#[test]
+fn mismatched_tls_pair_refuses_to_start_with_exit_2() {
+    let dir = std::env::temp_dir().join(format!("switchyard-mismatch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    let cert_key = rcgen::KeyPair::generate().unwrap();
+    std::fs::write(&cert, params.self_signed(&cert_key).unwrap().pem()).unwrap();
+    let other = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    std::fs::write(&key, &other).unwrap();
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listen.local_addr().unwrap().to_string();
+    drop(listen);
+    let out = run(
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+            "--listen",
+            &addr,
+            "--metrics-listen",
+            "",
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    let mut lines = err.lines();
+    assert_eq!(
+        lines.next().unwrap_or_default(),
+        "switchyard: the private key named by --tls-key does not belong to the certificate named \
+         by --tls-cert; give the key the certificate was issued for"
+    );
+    let event = lines.next().unwrap_or_default();
+    assert!(
+        event.contains("level=error msg=refusing_to_start reason=tls_file"),
+        "{err}"
+    );
+    assert_eq!(lines.next(), None, "{err}");
+    let body_line = other.lines().nth(1).unwrap();
+    assert!(!err.contains(body_line), "{err}");
+    assert!(!err.contains(dir.to_str().unwrap()), "{err}");
+    // Nothing was bound.
+    assert!(std::net::TcpStream::connect(&addr).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
 }

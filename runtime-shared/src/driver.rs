@@ -195,6 +195,18 @@ where
         poll_fn(|cx| self.poll_event(cx)).await
     }
 
+    /// Ends the transport without waiting: over TLS a close_notify goes out if the socket
+    /// takes it at once, then TCP's sending side is shut down. Nothing waits on a stalled peer
+    /// (write timeout, abort): the caller drops the socket right after.
+    pub fn close_transport_now(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = match &mut self.codec {
+            Codec::Awake(ws) => Pin::new(ws.get_mut()).poll_close(&mut cx),
+            Codec::Asleep(socket) => Pin::new(socket).poll_close(&mut cx),
+            Codec::Waking(_) | Codec::Moving => return,
+        };
+    }
+
     /// The codec is asleep: no buffer is held.
     pub fn is_asleep(&self) -> bool {
         matches!(self.codec, Codec::Asleep(_))

@@ -53,6 +53,7 @@ pub mod scanner;
 mod shard;
 mod signal;
 mod sync;
+pub mod tls;
 
 use std::fmt;
 use std::future::Future;
@@ -66,6 +67,8 @@ use futures_util::io::{AsyncRead, AsyncWrite};
 use switchyard_core::{Config, Counters, ServerId};
 
 pub use node::{Handle, start};
+/// The rustls this crate speaks, for building [`Options::tls`].
+pub use rustls;
 
 /// What a runtime crate supplies: threads, listeners, tasks and a timer. A value is a cheap
 /// handle to the running executor, cloned into tasks; it must not keep the threads alive (that is
@@ -142,6 +145,9 @@ pub struct Options {
     /// whose source address is then the client's (PROTOCOL.md §3.2). The metrics listener never
     /// takes one.
     pub proxy_protocol: bool,
+    /// TLS on the main listener (built with [`tls::server_config`]); `None`: plain HTTP/1.1.
+    /// The metrics listener is always plain.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl fmt::Debug for Options {
@@ -153,6 +159,7 @@ impl fmt::Debug for Options {
             .field("config", &self.config)
             .field("push", &self.push.is_some())
             .field("proxy_protocol", &self.proxy_protocol)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }

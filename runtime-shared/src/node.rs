@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use async_channel::{Sender, TrySendError};
 use async_tungstenite::WebSocketStream;
+use futures_rustls::TlsAcceptor;
+use futures_rustls::server::TlsStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use switchyard_core::{
     Config, ConnKey, Counters, Ended, Gate, Input, Load, Response, Slot, Verdict,
@@ -27,6 +29,7 @@ use crate::queue::ConnQueue;
 use crate::scanner::Watched;
 use crate::shard::{self, ShardMsg};
 use crate::signal::{self, Alive, Done, Flag};
+use crate::tls::{self, Negotiated};
 use crate::{Executor, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed};
 
 /// Inputs a shard's channel holds before connections wait (backpressure on reading).
@@ -58,6 +61,8 @@ struct Node<E> {
     push: Option<Arc<dyn PushSink>>,
     /// Every main-listener connection begins with a PROXY v2 header (§3.2).
     proxy_protocol: bool,
+    /// TLS on the main listener; `None`: plain HTTP.
+    tls: Option<TlsAcceptor>,
     gauges: Gauges,
 }
 
@@ -161,6 +166,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         render_metrics: options.render_metrics,
         push: options.push,
         proxy_protocol: options.proxy_protocol,
+        tls: options.tls.map(TlsAcceptor::from),
         gauges: Gauges::default(),
     });
     let (shard_alive, shards_done) = signal::latch();
@@ -328,9 +334,9 @@ async fn stage_0<E: Executor, T>(
 }
 
 /// Reads the request head by `deadline`.
-async fn head<E: Executor>(
+async fn head<E: Executor, S: AsyncRead + Unpin>(
     node: &Node<E>,
-    socket: &mut E::Stream,
+    socket: &mut S,
     deadline: Instant,
 ) -> Option<Head> {
     stage_0(node, deadline, read_head(socket, node.config.max_head_size)).await
@@ -351,18 +357,72 @@ async fn transport_peer<E: Executor>(
     Some(source.ip())
 }
 
-/// Serves one connection of the main listener; stage 0 ends by `deadline`.
+/// Serves one connection of the main listener: the transport steps of stage 0 (§3), PROXY
+/// header then TLS handshake, all by `deadline`, then [`serve_http`] over the stream they leave.
 async fn serve_main<E: Executor>(
     node: Arc<Node<E>>,
-    socket: E::Stream,
+    mut socket: E::Stream,
     peer: SocketAddr,
     deadline: Instant,
 ) {
-    // An upgraded connection moves to a task of its own, which holds only what it needs for
-    // the rest of its life: this one, with everything before (PROXY header, head, response,
-    // linger, 101), ends here, so an idle connection carries none of it.
     let open = node.gauges.open();
-    if let Some(upgraded) = admit(&node, socket, peer, deadline).await {
+    let pending = node.gauges.pending_head();
+    let Some(client) = transport_peer(&node, &mut socket, peer, deadline).await else {
+        return;
+    };
+    match node.tls.clone() {
+        None => serve_http(node, socket, client, deadline, (open, pending)).await,
+        Some(acceptor) => {
+            if let Some(tls) = handshake(&node, &acceptor, socket, deadline).await {
+                serve_http(node, tls, client, deadline, (open, pending)).await;
+            }
+        }
+    }
+}
+
+/// Stage 0's TLS step: the handshake, by the same `deadline` as the head. `None`: it failed
+/// (rustls has written its alert, if any), timed out, the node is stopping, or it was a
+/// TLS-ALPN-01 validation, now answered. The connection is then closed.
+async fn handshake<E: Executor>(
+    node: &Node<E>,
+    acceptor: &TlsAcceptor,
+    socket: E::Stream,
+    deadline: Instant,
+) -> Option<TlsStream<E::Stream>> {
+    let accept = async {
+        timeout_at::<E, _>(deadline, acceptor.accept(socket))
+            .await?
+            .ok()
+    };
+    let stopped = async {
+        node.stopping.wait().await;
+        None
+    };
+    let mut stream = race(accept, stopped).await?;
+    match tls::negotiated(stream.get_ref().1.alpn_protocol()) {
+        Negotiated::Http => Some(stream),
+        Negotiated::AcmeChallenge => {
+            let _ = timeout_at::<E, _>(deadline, stream.close()).await;
+            None
+        }
+    }
+}
+
+/// Everything after the transport, over plain TCP or TLS alike: the head, the gate's verdict,
+/// the response or the 101. An upgraded connection then moves to a task of its own, which
+/// holds only what it needs for the rest of its life: this one, with everything before,
+/// ends here, so an idle connection carries none of it.
+async fn serve_http<E, S>(
+    node: Arc<Node<E>>,
+    socket: S,
+    client: IpAddr,
+    deadline: Instant,
+    (open, pending): (Held, Held),
+) where
+    E: Executor,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if let Some(upgraded) = admit(&node, socket, client, deadline, pending).await {
         let exec = node.exec.clone();
         let Upgraded {
             conn,
@@ -394,14 +454,17 @@ struct Upgraded<S> {
 
 /// Reads the head, carries out the gate's verdict, and for an upgrade opens the connection in
 /// its shard and writes the 101.
-async fn admit<E: Executor>(
+async fn admit<E, S>(
     node: &Node<E>,
-    mut socket: E::Stream,
-    peer: SocketAddr,
+    mut socket: S,
+    client: IpAddr,
     deadline: Instant,
-) -> Option<Upgraded<E::Stream>> {
-    let pending = node.gauges.pending_head();
-    let client = transport_peer(node, &mut socket, peer, deadline).await?;
+    pending: Held,
+) -> Option<Upgraded<S>>
+where
+    E: Executor,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let Head { head, rest } = self::head(node, &mut socket, deadline).await?;
     drop(pending);
     let verdict = node.handle_head(client.to_canonical(), &head);
@@ -448,14 +511,14 @@ async fn admit<E: Executor>(
 /// An upgraded connection's task: runs its driver until the socket is gone, then releases the
 /// connection. Written by hand rather than as an `async fn` because it is what every idle
 /// connection holds, and a generator keeps a copy of the driver per level of nesting.
-struct Carry<E: Executor> {
+struct Carry<E: Executor, S> {
     node: Arc<Node<E>>,
     conn: ConnKey,
     shard: usize,
     /// Released once the socket is gone.
     slot: Option<Slot>,
     /// `None` once the socket is gone (or the 101 could not be written).
-    driver: Option<ConnDriver<E::Stream>>,
+    driver: Option<ConnDriver<S>>,
     /// Counts the connection in `open_connections` until its socket is gone.
     open: Option<Held>,
     /// Events since the task last let others on its worker run.
@@ -465,7 +528,7 @@ struct Carry<E: Executor> {
     sending: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
 }
 
-impl<E: Executor> Carry<E> {
+impl<E: Executor, S> Carry<E, S> {
     fn send(&mut self, msg: ShardMsg) {
         let tx = &self.node.shards[self.shard].tx;
         match tx.try_send(msg) {
@@ -495,7 +558,11 @@ impl<E: Executor> Carry<E> {
     }
 }
 
-impl<E: Executor> Future for Carry<E> {
+impl<E, S> Future for Carry<E, S>
+where
+    E: Executor,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
@@ -527,16 +594,19 @@ impl<E: Executor> Future for Carry<E> {
                     conn: this.conn,
                     count,
                 }),
-                Event::End(ended) => this.end(ended),
+                Event::End(ended) => {
+                    driver.close_transport_now();
+                    this.end(ended);
+                }
             }
         }
     }
 }
 
 /// Writes a non-101 response, releases its slots, and lingers (§2.1).
-async fn respond<E: Executor>(
+async fn respond<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(
     node: &Node<E>,
-    mut socket: E::Stream,
+    mut socket: S,
     response: Response,
     slot: Option<Slot>,
 ) {
@@ -563,8 +633,8 @@ async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
 }
 
 /// After a response: shut down the sending side, discard input for up to a second, close
-/// (§2.1). Shutdown of the node cuts it short.
-async fn linger<E: Executor>(node: &Node<E>, mut socket: E::Stream) {
+/// (§2.1); over TLS the close sends close_notify first. Shutdown of the node cuts it short.
+async fn linger<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(node: &Node<E>, mut socket: S) {
     if socket.close().await.is_err() {
         return;
     }

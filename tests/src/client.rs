@@ -3,7 +3,11 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -102,7 +106,7 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     raw_with(Tcp::default(), addr, request)
 }
 
-fn read_to_end(s: &mut TcpStream) -> Vec<u8> {
+fn read_to_end(s: &mut impl Read) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = [0; 8192];
     loop {
@@ -204,7 +208,11 @@ impl Dialed {
 /// Sends raw request bytes and reads the response head byte by byte, so nothing after it is
 /// consumed; a 101 becomes a WebSocket client.
 pub fn dial_raw(tcp: Tcp, addr: SocketAddr, request: &[u8]) -> Dialed {
-    let mut s = tcp.connect(addr).expect("connect");
+    dial_over(Conn::Plain(tcp.connect(addr).expect("connect")), request)
+}
+
+/// As [`dial_raw`], over a connection already made (plain or TLS).
+pub fn dial_over(mut s: Conn, request: &[u8]) -> Dialed {
     let _ = s.write_all(request);
     let mut head = Vec::new();
     let mut byte = [0; 1];
@@ -224,7 +232,7 @@ pub fn dial_raw(tcp: Tcp, addr: SocketAddr, request: &[u8]) -> Dialed {
     }
     let mut resp = Http::parse(&head).unwrap_or_else(|| panic!("bad response head {head:?}"));
     if resp.status == 101 {
-        return Dialed::Upgraded(Box::new(Ws::client(s)), resp);
+        return Dialed::Upgraded(Box::new(Ws::over(s)), resp);
     }
     resp.body = read_to_end(&mut s);
     Dialed::Rejected(resp)
@@ -257,25 +265,132 @@ pub enum Msg {
     Gone,
 }
 
+/// A client's connection: plain TCP, or TLS over it (rustls, blocking).
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    /// The TCP connection underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => s.get_ref(),
+        }
+    }
+
+    /// The TLS session, if any.
+    pub fn tls(&self) -> Option<&ClientConnection> {
+        match self {
+            Conn::Plain(_) => None,
+            Conn::Tls(s) => Some(&s.conn),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Connects and completes a TLS handshake for [`pki::SERVER_NAME`](crate::pki::SERVER_NAME).
+/// `Err`: the handshake failed (the relay refused it or closed).
+pub fn tls_connect(addr: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<Conn> {
+    let tcp = Tcp::default().connect(addr)?;
+    let name = ServerName::try_from(crate::pki::SERVER_NAME).expect("server name");
+    let session = ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+    let mut stream = StreamOwned::new(session, tcp);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock)?;
+    }
+    Ok(Conn::Tls(Box::new(stream)))
+}
+
+/// An HTTPS request over a new connection: the bytes read and whether the relay ended the TLS
+/// session cleanly (close_notify before TCP's end).
+pub fn https_raw(addr: SocketAddr, config: Arc<ClientConfig>, request: &[u8]) -> (Vec<u8>, bool) {
+    let mut s = tls_connect(addr, config).expect("TLS handshake");
+    s.write_all(request).expect("write over TLS");
+    let mut out = Vec::new();
+    let mut buf = [0; 8192];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, true),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!("the relay did not close within {WAIT:?}; read so far: {out:?}")
+            }
+            Err(_) => return (out, false),
+        }
+    }
+}
+
 /// A blocking WebSocket client.
 #[derive(Debug)]
 pub struct Ws {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Conn>,
 }
 
 impl Ws {
     pub fn client(stream: TcpStream) -> Ws {
+        Ws::over(Conn::Plain(stream))
+    }
+
+    pub fn over(conn: Conn) -> Ws {
         // Binaries must accept envelopes above the relay's own inbound limit (§7.5).
         let config = WebSocketConfig::default()
             .max_message_size(None)
             .max_frame_size(None);
         Ws {
-            ws: WebSocket::from_raw_socket(stream, Role::Client, Some(config)),
+            ws: WebSocket::from_raw_socket(conn, Role::Client, Some(config)),
         }
     }
 
     pub fn stream(&self) -> &TcpStream {
+        self.ws.get_ref().tcp()
+    }
+
+    pub fn conn(&self) -> &Conn {
         self.ws.get_ref()
+    }
+
+    /// After the close handshake: reads the transport to its end; `true` if it ended cleanly
+    /// (over TLS: close_notify before TCP's end).
+    pub fn transport_ends_cleanly(&mut self) -> bool {
+        let conn = self.ws.get_mut();
+        let _ = conn.tcp().set_read_timeout(Some(WAIT));
+        let mut buf = [0; 1024];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
     }
 
     pub fn send(&mut self, text: &str) {
@@ -328,7 +443,7 @@ impl Ws {
             if left.is_zero() {
                 return None;
             }
-            let _ = self.ws.get_mut().set_read_timeout(Some(left));
+            let _ = self.ws.get_ref().tcp().set_read_timeout(Some(left));
             match self.ws.read() {
                 Ok(Message::Text(t)) => return Some(Msg::Text(t.as_str().to_owned())),
                 Ok(Message::Binary(b)) => return Some(Msg::Binary(b.to_vec())),
@@ -414,8 +529,7 @@ impl Ws {
 
     /// Drops TCP with a reset (SO_LINGER 0), no close frame.
     pub fn reset(self) {
-        let stream = self.ws.get_ref();
-        let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+        let _ = SockRef::from(self.stream()).set_linger(Some(Duration::ZERO));
     }
 }
 

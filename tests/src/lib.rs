@@ -7,9 +7,11 @@
 
 pub mod client;
 pub mod doubles;
+pub mod pki;
 pub mod proxy;
 pub mod push;
 pub mod scenarios;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use switchyard_core::{Config, Counters};
 use switchyard_runtime::PushSink;
+use switchyard_runtime::rustls::ServerConfig;
 
 /// A runtime the suite can run against.
 pub trait RelayUnderTest {
@@ -32,6 +35,9 @@ pub trait RelayUnderTest {
     /// As [`start`](RelayUnderTest::start), with `--proxy-protocol`: every connection to the main
     /// listener must begin with a PROXY v2 header (§3.2).
     fn start_proxied(config: Config) -> Running;
+
+    /// As [`start`](RelayUnderTest::start), with TLS on the main listener.
+    fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running;
 }
 
 /// What a scenario needs from a running node.
@@ -137,21 +143,29 @@ pub mod runtimes {
 
     impl RelayUnderTest for Tokio {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, false, switchyard_tokio::start)
+            start(config, push, false, None, switchyard_tokio::start)
         }
 
         fn start_proxied(config: Config) -> Running {
-            start(config, None, true, switchyard_tokio::start)
+            start(config, None, true, None, switchyard_tokio::start)
+        }
+
+        fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
+            start(config, None, false, Some(tls), switchyard_tokio::start)
         }
     }
 
     impl RelayUnderTest for Smol {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, false, switchyard_smol::start)
+            start(config, push, false, None, switchyard_smol::start)
         }
 
         fn start_proxied(config: Config) -> Running {
-            start(config, None, true, switchyard_smol::start)
+            start(config, None, true, None, switchyard_smol::start)
+        }
+
+        fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
+            start(config, None, false, Some(tls), switchyard_smol::start)
         }
     }
 
@@ -180,6 +194,7 @@ pub mod runtimes {
         config: Config,
         push: Option<Arc<dyn PushSink>>,
         proxy_protocol: bool,
+        tls: Option<Arc<ServerConfig>>,
         start: fn(Options) -> std::io::Result<Handle<E>>,
     ) -> Running {
         let opts = switchyard::MetricsOptions {
@@ -195,6 +210,7 @@ pub mod runtimes {
             render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
             push,
             proxy_protocol,
+            tls,
         })
         .expect("start the runtime");
         let addr = handle.local_addr();
@@ -225,6 +241,19 @@ macro_rules! suite {
             item_24_header_and_head_share_one_deadline,
             item_24_forwarded_for_over_proxy_source,
             item_24_healthz_through_proxy_metrics_without,
+        );
+        $crate::suite!(@each $rt; tls;
+            tls_healthz_and_404,
+            tls_binary_and_phone_exchange,
+            tls_plain_http_is_not_answered,
+            tls_stalled_handshake_closed_by_header_timeout,
+            tls_handshake_and_head_share_the_deadline,
+            tls_versions_below_1_2_refused,
+            tls_alpn_http_1_1_or_none_never_h2,
+            tls_acme_alpn_closes_after_handshake,
+            tls_untrusted_client_fails_others_served,
+            tls_rotation_serves_new_pair_keeps_connections,
+            tls_shutdown_drops_pending_handshakes,
         );
         $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,

@@ -574,7 +574,7 @@ pub fn push_in_flight_cap_drops_excess<R: RelayUnderTest>() {
 }
 
 /// Log lines of this test process, captured by the relay's own formatter.
-fn captured_logs() -> &'static Mutex<Vec<u8>> {
+pub(crate) fn captured_logs() -> &'static Mutex<Vec<u8>> {
     static LOGS: OnceLock<&'static Mutex<Vec<u8>>> = OnceLock::new();
     LOGS.get_or_init(|| {
         let logs: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
