@@ -120,14 +120,21 @@ impl Histogram {
     }
 }
 
-/// Every counter and gauge of PROTOCOL.md §12. A machine fills the cells it decides; the runtime
-/// sums the machines with [`Counters::add`] and renders the result.
+/// Every counter and gauge of PROTOCOL.md §12, and two gauges of the runtime's own (decision A1).
+/// A machine fills the cells it decides; the runtime sums the machines with [`Counters::add`] and
+/// renders the result.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Counters {
     pub connected_binaries: u64,
     pub connected_phones: u64,
     pub phone_outbox_bytes: u64,
     pub binary_outbox_bytes: u64,
+    /// TCP connections of the main listener not yet closed: heads being read, answered requests
+    /// lingering (§2.1) and WebSocket connections. Kept by the runtime, which owns the sockets.
+    pub open_connections: u64,
+    /// Of those, the connections whose request head is still being read (stage 0, §3), which no
+    /// connection cap counts: what a slowloris attack holds.
+    pub pending_heads: u64,
     pub grace_expiries: u64,
     pub frames_forwarded: [u64; Direction::COUNT],
     pub frames_dropped: [u64; DropReason::COUNT],
@@ -197,6 +204,8 @@ impl Counters {
         self.connected_phones += other.connected_phones;
         self.phone_outbox_bytes += other.phone_outbox_bytes;
         self.binary_outbox_bytes += other.binary_outbox_bytes;
+        self.open_connections += other.open_connections;
+        self.pending_heads += other.pending_heads;
         self.grace_expiries += other.grace_expiries;
         add_all(&mut self.frames_forwarded, &other.frames_forwarded);
         add_all(&mut self.frames_dropped, &other.frames_dropped);
@@ -244,6 +253,8 @@ mod tests {
             connected_phones: next(),
             phone_outbox_bytes: next(),
             binary_outbox_bytes: next(),
+            open_connections: next(),
+            pending_heads: next(),
             grace_expiries: next(),
             ..Counters::default()
         };
@@ -275,6 +286,8 @@ mod tests {
                 c.connected_phones,
                 c.phone_outbox_bytes,
                 c.binary_outbox_bytes,
+                c.open_connections,
+                c.pending_heads,
                 c.grace_expiries,
             ];
             v.extend(c.frames_forwarded);

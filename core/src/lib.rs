@@ -12,6 +12,10 @@
 //!   binary and phones: claim, probe, register, forward, close notices, heartbeat, grace, outbox
 //!   budgets and shutdown.
 //!
+//! Before the request head, on a listener that requires it (PROTOCOL.md §3.2),
+//! [`judge_proxy_header`] decides a PROXY protocol v2 header from the bytes read so far: how many
+//! more to read, the client address it names, or a refusal.
+//!
 //! # Driving a shard
 //!
 //! The four verbs: [`Relay::handle_input`] and [`Relay::handle_timeout`] take `now`;
@@ -80,6 +84,7 @@ mod id;
 mod io;
 mod loggable;
 mod outbox;
+mod proxy;
 mod push;
 mod registry;
 mod relay;
@@ -96,6 +101,7 @@ pub use gate::{Gate, Load, RESPONSE_LINGER, Response, Slot, Verdict};
 pub use id::{ConnId, ConnKey, ServerId, ServerIdError, Side};
 pub use io::{Input, Open, Output, Role};
 pub use loggable::{BINARY_VERSION_MAX, DEVICE_NAME_MAX, loggable};
+pub use proxy::{PROXY_FIXED_LEN, PROXY_HEADER_MAX, ProxyHeader, ProxyReject, judge_proxy_header};
 pub use push::PushDispatcher;
 pub use relay::Relay;
 pub use timer::Timer;

@@ -1,7 +1,8 @@
-//! Fuzz targets on the stable toolchain: the request-head gate and the envelope parser, fed raw
-//! and structurally mutated bytes. Each asserts no panic and that every answer is one PROTOCOL.md
-//! names; the envelope targets also check the parser against an independent oracle built on
-//! `serde_json::Value`.
+//! Fuzz targets on the stable toolchain: the request-head gate, the envelope parser and the PROXY
+//! v2 header decision, fed raw and structurally mutated bytes. Each asserts no panic and that
+//! every answer is one PROTOCOL.md names; the envelope and PROXY targets also check the code
+//! against an independent oracle (built on `serde_json::Value`, and written from the PROXY
+//! protocol specification).
 //!
 //! `cargo test -p switchyard-core --test fuzz` runs a fixed budget; `FUZZ_CASES=1000000` runs more.
 #![allow(clippy::disallowed_methods)] // the test's own clock origin
@@ -502,5 +503,316 @@ fn phone_frames_are_wrapped_iff_they_are_one_json_value() {
             }
             Ok(())
         })
+        .unwrap();
+}
+
+// ---- PROXY v2 headers ----------------------------------------------------------------------------
+
+const PROXY_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// A PROXY v2 header as a balancer would write it, before any mutation.
+#[derive(Debug, Clone)]
+struct ProxyParts {
+    v6: bool,
+    source: [u8; 16],
+    destination: [u8; 16],
+    ports: [u16; 2],
+    tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+impl ProxyParts {
+    fn bytes(&self) -> Vec<u8> {
+        let width = if self.v6 { 16 } else { 4 };
+        let mut body = Vec::new();
+        body.extend(&self.source[..width]);
+        body.extend(&self.destination[..width]);
+        body.extend(self.ports[0].to_be_bytes());
+        body.extend(self.ports[1].to_be_bytes());
+        for (kind, value) in &self.tlvs {
+            body.push(*kind);
+            body.extend((value.len() as u16).to_be_bytes());
+            body.extend(value);
+        }
+        let mut h = PROXY_SIGNATURE.to_vec();
+        h.push(0x21);
+        h.push(if self.v6 { 0x21 } else { 0x11 });
+        h.extend((body.len() as u16).to_be_bytes());
+        h.extend(body);
+        h
+    }
+}
+
+/// One structural mutation of a PROXY header (or of what follows it).
+#[derive(Debug, Clone)]
+enum ProxyMutation {
+    VersionCommand(u8),
+    FamilyProtocol(u8),
+    Length(u16),
+    LengthBy(i16),
+    /// Overwrites the two length bytes of whatever TLV starts `at` bytes into the TLV area.
+    TlvLength {
+        at: usize,
+        len: u16,
+    },
+    Flip {
+        at: usize,
+        byte: u8,
+    },
+    Truncate {
+        at: usize,
+    },
+    /// Bytes after the header: a request head, or noise.
+    Append(Vec<u8>),
+}
+
+fn proxy_mutation() -> impl Strategy<Value = ProxyMutation> {
+    prop_oneof![
+        prop_oneof![
+            Just(0x20u8),
+            Just(0x22),
+            Just(0x11),
+            Just(0x31),
+            any::<u8>()
+        ]
+        .prop_map(ProxyMutation::VersionCommand),
+        prop_oneof![
+            Just(0x00u8),
+            Just(0x01),
+            Just(0x12),
+            Just(0x22),
+            Just(0x31),
+            Just(0x32),
+            Just(0x10),
+            Just(0x21),
+            Just(0x11),
+            any::<u8>()
+        ]
+        .prop_map(ProxyMutation::FamilyProtocol),
+        prop_oneof![
+            Just(0u16),
+            Just(11),
+            Just(12),
+            Just(35),
+            Just(36),
+            Just(216),
+            Just(4080),
+            Just(4081),
+            Just(u16::MAX),
+            any::<u16>()
+        ]
+        .prop_map(ProxyMutation::Length),
+        (-40i16..40).prop_map(ProxyMutation::LengthBy),
+        (0..120usize, any::<u16>()).prop_map(|(at, len)| ProxyMutation::TlvLength { at, len }),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| ProxyMutation::Flip { at, byte }),
+        any::<usize>().prop_map(|at| ProxyMutation::Truncate { at }),
+        prop_oneof![
+            Just(HEADS[0].as_bytes().to_vec()),
+            prop::collection::vec(any::<u8>(), 1..40)
+        ]
+        .prop_map(ProxyMutation::Append),
+    ]
+}
+
+fn apply_proxy(h: &mut Vec<u8>, m: &ProxyMutation) {
+    let set = |h: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        for (i, b) in bytes.iter().enumerate() {
+            if let Some(slot) = h.get_mut(at + i) {
+                *slot = *b;
+            }
+        }
+    };
+    match m {
+        ProxyMutation::VersionCommand(b) => set(h, 12, &[*b]),
+        ProxyMutation::FamilyProtocol(b) => set(h, 13, &[*b]),
+        ProxyMutation::Length(n) => set(h, 14, &n.to_be_bytes()),
+        ProxyMutation::LengthBy(d) => {
+            if h.len() >= 16 {
+                let n = u16::from_be_bytes([h[14], h[15]]).wrapping_add_signed(*d);
+                set(h, 14, &n.to_be_bytes());
+            }
+        }
+        ProxyMutation::TlvLength { at, len } => {
+            let tlvs = if h.get(13) == Some(&0x21) { 52 } else { 28 };
+            set(h, tlvs + at + 1, &len.to_be_bytes());
+        }
+        ProxyMutation::Flip { at, byte } => {
+            if !h.is_empty() {
+                let at = at % h.len();
+                h[at] = *byte;
+            }
+        }
+        ProxyMutation::Truncate { at } => h.truncate(at % (h.len() + 1)),
+        ProxyMutation::Append(bytes) => h.extend(bytes),
+    }
+}
+
+fn proxy_input() -> impl Strategy<Value = Vec<u8>> {
+    let parts = (
+        any::<bool>(),
+        any::<[u8; 16]>(),
+        any::<[u8; 16]>(),
+        any::<[u16; 2]>(),
+        prop::collection::vec(
+            (any::<u8>(), prop::collection::vec(any::<u8>(), 0..40)),
+            0..4,
+        ),
+    )
+        .prop_map(|(v6, source, destination, ports, tlvs)| ProxyParts {
+            v6,
+            source,
+            destination,
+            ports,
+            tlvs,
+        });
+    prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..80),
+        (any::<[u8; 4]>(), prop::collection::vec(any::<u8>(), 0..80)).prop_map(|(fixed, body)| {
+            let mut h = PROXY_SIGNATURE.to_vec();
+            h.extend(fixed);
+            h.extend(body);
+            h
+        }),
+        Just(b"PROXY TCP4 203.0.113.7 10.0.0.1 40000 443\r\nGET / HTTP/1.1\r\n\r\n".to_vec()),
+        (parts, prop::collection::vec(proxy_mutation(), 0..4)).prop_map(|(parts, ms)| {
+            let mut h = parts.bytes();
+            for m in &ms {
+                apply_proxy(&mut h, m);
+            }
+            h
+        }),
+    ]
+}
+
+/// What PROTOCOL.md §3.2 and the PROXY protocol specification say about `b`, written from the
+/// specification without the relay's code: refuse at the first byte that is not the signature;
+/// the fixed part must be version 2, command PROXY, TCP over IPv4 or IPv6, with a length that
+/// holds the addresses and stays within the relay's limit; the rest must be whole TLVs.
+#[derive(Debug, PartialEq, Eq)]
+enum ProxyClass {
+    Need(usize),
+    Accept(std::net::SocketAddr, usize),
+    Refuse,
+}
+
+fn proxy_oracle(b: &[u8]) -> ProxyClass {
+    if b.iter().zip(PROXY_SIGNATURE).any(|(x, s)| x != s) {
+        return ProxyClass::Refuse;
+    }
+    if b.len() < 16 {
+        return ProxyClass::Need(16);
+    }
+    let addresses = match (b[12], b[13]) {
+        (0x21, 0x11) => 12,
+        (0x21, 0x21) => 36,
+        _ => return ProxyClass::Refuse,
+    };
+    let total = 16 + usize::from(b[14]) * 256 + usize::from(b[15]);
+    if total < 16 + addresses || total > switchyard_core::PROXY_HEADER_MAX {
+        return ProxyClass::Refuse;
+    }
+    if b.len() < total {
+        return ProxyClass::Need(total);
+    }
+    let mut at = 16 + addresses;
+    while at < total {
+        if total - at < 3 {
+            return ProxyClass::Refuse;
+        }
+        at += 3 + usize::from(b[at + 1]) * 256 + usize::from(b[at + 2]);
+    }
+    if at != total {
+        return ProxyClass::Refuse;
+    }
+    let source = if addresses == 12 {
+        let ip: [u8; 4] = b[16..20].try_into().unwrap();
+        std::net::SocketAddr::from((ip, u16::from_be_bytes([b[24], b[25]])))
+    } else {
+        let ip: [u8; 16] = b[16..32].try_into().unwrap();
+        std::net::SocketAddr::from((ip, u16::from_be_bytes([b[48], b[49]])))
+    };
+    ProxyClass::Accept(source, total)
+}
+
+/// Reads `stream` as a runtime does: `chunks` bounds each read, and no read goes past what the
+/// core asked for. Returns the decision (`None`: the stream ended first) and the bytes consumed.
+fn read_proxy_like_a_runtime(
+    stream: &[u8],
+    chunks: &[usize],
+) -> (Option<switchyard_core::ProxyHeader>, usize) {
+    use switchyard_core::{ProxyHeader, judge_proxy_header};
+    let mut buf = Vec::new();
+    let mut reads = chunks.iter().cycle();
+    loop {
+        match judge_proxy_header(&buf) {
+            ProxyHeader::Incomplete { needed } => {
+                assert!(needed > buf.len(), "asks for bytes it has");
+                assert!(needed <= switchyard_core::PROXY_HEADER_MAX, "unbounded");
+                let left = &stream[buf.len()..];
+                if left.is_empty() {
+                    return (None, buf.len());
+                }
+                let n = (needed - buf.len())
+                    .min(*reads.next().unwrap())
+                    .min(left.len());
+                buf.extend_from_slice(&left[..n]);
+            }
+            decided => return (Some(decided), buf.len()),
+        }
+    }
+}
+
+#[test]
+fn proxy_header_agrees_with_an_independent_oracle() {
+    use switchyard_core::{ProxyHeader, judge_proxy_header};
+    let mut runner = proptest::test_runner::TestRunner::new(runner(5000));
+    runner
+        .run(
+            &(
+                proxy_input(),
+                prop::collection::vec(1..20usize, 1..4),
+                any::<usize>(),
+            ),
+            |(bytes, chunks, cut)| {
+                let got = judge_proxy_header(&bytes);
+                match (proxy_oracle(&bytes), got) {
+                    (ProxyClass::Refuse, ProxyHeader::Rejected(_)) => {}
+                    (ProxyClass::Need(n), ProxyHeader::Incomplete { needed }) => {
+                        prop_assert_eq!(n, needed)
+                    }
+                    (ProxyClass::Accept(s, l), ProxyHeader::Accepted { source, len }) => {
+                        prop_assert_eq!((s, l), (source, len))
+                    }
+                    (want, got) => {
+                        prop_assert!(false, "{bytes:?}: oracle {want:?}, judged {got:?}")
+                    }
+                }
+                // Read in pieces, the decision is the same and nothing past the header is read.
+                let (streamed, consumed) = read_proxy_like_a_runtime(&bytes, &chunks);
+                match (got, streamed) {
+                    (ProxyHeader::Incomplete { .. }, None) => {
+                        prop_assert_eq!(consumed, bytes.len())
+                    }
+                    (ProxyHeader::Accepted { len, .. }, Some(s)) => {
+                        prop_assert_eq!(s, got);
+                        prop_assert_eq!(consumed, len);
+                    }
+                    (ProxyHeader::Rejected(_), Some(ProxyHeader::Rejected(_))) => {
+                        prop_assert!(consumed <= bytes.len());
+                    }
+                    (whole, pieces) => {
+                        prop_assert!(false, "{bytes:?}: whole {whole:?}, in pieces {pieces:?}")
+                    }
+                }
+                // A refusal stays a refusal whatever follows; an acceptance ignores what follows.
+                let prefix = &bytes[..cut % (bytes.len() + 1)];
+                match (judge_proxy_header(prefix), got) {
+                    (ProxyHeader::Incomplete { .. }, _) => {}
+                    (ProxyHeader::Rejected(r), ProxyHeader::Rejected(g)) => prop_assert_eq!(r, g),
+                    (p @ ProxyHeader::Accepted { .. }, g) => prop_assert_eq!(p, g),
+                    (p, g) => prop_assert!(false, "{bytes:?}: prefix {p:?}, whole {g:?}"),
+                }
+                Ok(())
+            },
+        )
         .unwrap();
 }

@@ -70,10 +70,10 @@ struct Flags {
     /// Metrics listener, IP literal and port; "" disables [default: 127.0.0.1:9090]
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<String>,
-    /// PEM certificate chain for TLS on the main listener (needs --tls-key)
+    /// PEM certificate chain for TLS on the main listener (needs --tls-key); re-read when it changes
     #[arg(long, value_name = "PATH")]
     tls_cert: Option<String>,
-    /// PEM private key for TLS on the main listener (needs --tls-cert)
+    /// PEM private key for TLS on the main listener (needs --tls-cert); re-read when it changes
     #[arg(long, value_name = "PATH")]
     tls_key: Option<String>,
     /// Host name(s) for the Host check; without --tls-cert also ACME for them (repeatable or comma list)

@@ -4,6 +4,11 @@ use std::process::ExitCode;
 
 use switchyard::{BootError, LogFormat, Settings, logging};
 
+/// mimalloc returns the pages a quiet connection frees (its codec buffers) to the OS, where
+/// glibc's malloc keeps them in the heap; see docs/PERFORMANCE.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str) -> Option<String> {
     std::env::var_os(name).map(|v| v.to_string_lossy().into_owned())
 }

@@ -197,6 +197,20 @@ impl Collector for Snapshot {
             Some(&Unit::Bytes),
             c.binary_outbox_bytes,
         )?;
+        gauge(
+            e,
+            "pyrycode_relay_open_connections",
+            "TCP connections of the main listener not yet closed (decision A1).",
+            None,
+            c.open_connections,
+        )?;
+        gauge(
+            e,
+            "pyrycode_relay_pending_heads",
+            "Connections whose request head is still being read (decision A1).",
+            None,
+            c.pending_heads,
+        )?;
 
         let mut latency = e.encode_descriptor(
             "pyrycode_relay_forward_latency",
@@ -263,6 +277,8 @@ mod tests {
         has(&text, "pyrycode_relay_grace_expiries_total 0");
         has(&text, "pyrycode_relay_phone_outbox_bytes 0");
         has(&text, "pyrycode_relay_binary_outbox_bytes 0");
+        has(&text, "pyrycode_relay_open_connections 0");
+        has(&text, "pyrycode_relay_pending_heads 0");
         for d in ["phone_to_binary", "binary_to_phone"] {
             has(
                 &text,
@@ -328,8 +344,9 @@ mod tests {
                 &format!("pyrycode_relay_connections_rejected_total{{reason=\"{r}\"}} 0"),
             );
         }
-        // 2 + 2 + 1 + 12 + 4 + 7 + 7 + 2 gauges and counters, 2 × (16 + 1 + 2) histogram lines.
-        assert_eq!(samples(&text).len(), 37 + 38);
+        // 2 + 2 + 1 + 12 + 4 + 7 + 7 + 2 + 2 gauges and counters, 2 × (16 + 1 + 2) histogram
+        // lines.
+        assert_eq!(samples(&text).len(), 39 + 38);
         assert!(
             !text.contains("push_wakes"),
             "push family only when push is on"
@@ -352,7 +369,7 @@ mod tests {
             "# UNIT pyrycode_relay_forward_latency_seconds seconds",
         );
         has(&text, "# TYPE pyrycode_relay_phone_outbox_bytes gauge");
-        // Only the §12 families: no process or runtime collectors.
+        // Only the §12 families and A1's two gauges: no process or runtime collectors.
         let families: Vec<&str> = lines(&text)
             .into_iter()
             .filter_map(|l| l.strip_prefix("# TYPE "))
@@ -371,6 +388,8 @@ mod tests {
                 "pyrycode_relay_connections_rejected",
                 "pyrycode_relay_phone_outbox_bytes",
                 "pyrycode_relay_binary_outbox_bytes",
+                "pyrycode_relay_open_connections",
+                "pyrycode_relay_pending_heads",
                 "pyrycode_relay_forward_latency_seconds",
             ]
         );
@@ -382,6 +401,8 @@ mod tests {
             connected_binaries: 3,
             connected_phones: 7,
             phone_outbox_bytes: 4096,
+            open_connections: 11,
+            pending_heads: 6,
             grace_expiries: 2,
             ..Counters::default()
         };
@@ -394,6 +415,8 @@ mod tests {
         has(&text, "pyrycode_relay_connected_binaries 3");
         has(&text, "pyrycode_relay_connected_phones 7");
         has(&text, "pyrycode_relay_phone_outbox_bytes 4096");
+        has(&text, "pyrycode_relay_open_connections 11");
+        has(&text, "pyrycode_relay_pending_heads 6");
         has(&text, "pyrycode_relay_grace_expiries_total 2");
         has(
             &text,

@@ -15,7 +15,7 @@ use switchyard_runtime::{AcmeHttp, Executor, Handle, Options, PushSink};
 use crate::acme::{self, Prepared};
 use crate::cli::{ListenAddr, ProcessIdentity, Push, Runtime, Settings, Tls};
 use crate::metrics::{MetricsOptions, render};
-use crate::tls::{RELOAD_INTERVAL, Watcher, watch};
+use crate::tls::{RELOAD_INTERVAL, WatchError, Watcher, watch};
 
 /// Exit code 1: a listener could not be bound, or the node cannot run as configured (§13).
 const EXIT_LISTENER: u8 = 1;
@@ -24,16 +24,6 @@ const EXIT_CONFIG: u8 = 2;
 
 /// Starts the node, serves until SIGTERM or SIGINT, drains, and returns the exit code.
 pub fn run(settings: Settings) -> ExitCode {
-    if let Some(missing) = not_yet_supported(&settings) {
-        tracing::error!(
-            runtime = settings.runtime.as_str(),
-            reason = "not_implemented",
-            err = missing,
-            "refusing_to_start"
-        );
-        // A setting the relay cannot honour yet is refused at boot like any other (§13).
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let listen = match resolve(&settings.listen) {
         Ok(addr) => addr,
         Err(e) => {
@@ -76,9 +66,16 @@ pub fn run(settings: Settings) -> ExitCode {
     let (tls, _watcher) = match tls_files(&settings.tls) {
         Ok(Some((config, watcher))) => (Some(config), Some(watcher)),
         Ok(None) => (None, None),
-        Err(e) => {
+        Err(WatchError::Pair(e)) => {
             tracing::error!(reason = "tls_file", err = e.text(), "refusing_to_start");
             return ExitCode::from(EXIT_CONFIG);
+        }
+        Err(WatchError::Thread) => {
+            tracing::error!(
+                err = "cannot start the TLS file watcher",
+                "refusing_to_start"
+            );
+            return ExitCode::from(EXIT_LISTENER);
         }
     };
     let acme = match &settings.tls {
@@ -93,6 +90,7 @@ pub fn run(settings: Settings) -> ExitCode {
             (Some(listen), Some(answers)) => match resolve(listen) {
                 Ok(listen) => Some(AcmeHttp {
                     listen,
+                    proxy_protocol: a.http_proxy_protocol,
                     answers: answers.clone(),
                 }),
                 Err(e) => {
@@ -113,6 +111,7 @@ pub fn run(settings: Settings) -> ExitCode {
         seed: None,
         render_metrics: Arc::new(move |c| render(c, &metrics)),
         push,
+        proxy_protocol: settings.proxy_protocol,
         tls: tls.or_else(|| acme.as_ref().map(|a| a.tls.clone())),
         acme_http,
     };
@@ -157,16 +156,10 @@ fn serve<E: Executor>(
             return ExitCode::from(EXIT_LISTENER);
         }
     };
-    let mode = match (&settings.tls, handle.acme_http_addr()) {
-        (Tls::Off, _) => "http",
-        (Tls::Files { .. }, _) => "tls",
-        (Tls::Acme(_), None) => "acme_tls_alpn",
-        (Tls::Acme(_), Some(_)) => "acme_http01",
-    };
     tracing::info!(
         listen = %handle.local_addr(),
         addr = metrics_addr.as_str(),
-        mode,
+        mode = mode(settings),
         runtime = settings.runtime.as_str(),
         workers = settings.workers.get(),
         version = settings.config.version.as_str(),
@@ -216,12 +209,25 @@ pub fn pusher(push: &Push, config: &Config) -> Result<Arc<dyn PushSink>, KeyErro
     Ok(Arc::new(Pusher::new(fcm, config)))
 }
 
+/// The main listener's layers for the `listening` line, outermost first: `proxy+` when every
+/// connection must begin with a PROXY v2 header (§3.2), then `tls`, `acme` (TLS with ACME
+/// certificates) or `http`.
+fn mode(settings: &Settings) -> &'static str {
+    match (settings.proxy_protocol, &settings.tls) {
+        (false, Tls::Off) => "http",
+        (false, Tls::Files { .. }) => "tls",
+        (false, Tls::Acme(_)) => "acme",
+        (true, Tls::Off) => "proxy+http",
+        (true, Tls::Files { .. }) => "proxy+tls",
+        (true, Tls::Acme(_)) => "proxy+acme",
+    }
+}
+
 /// The main listener's TLS configuration and the thread that reloads its files, for
 /// `--tls-cert`/`--tls-key`; `None` for plain HTTP.
 fn tls_files(
     tls: &Tls,
-) -> Result<Option<(Arc<switchyard_runtime::rustls::ServerConfig>, Watcher)>, crate::tls::PairError>
-{
+) -> Result<Option<(Arc<switchyard_runtime::rustls::ServerConfig>, Watcher)>, WatchError> {
     let Tls::Files { cert, key } = tls else {
         return Ok(None);
     };
@@ -265,17 +271,6 @@ fn prepare_acme(acme: &crate::Acme) -> Result<acme::AcmeParts, ExitCode> {
         }
     }
     Ok(acme::build(acme, roots))
-}
-
-/// What the settings ask for that this build cannot do yet.
-fn not_yet_supported(settings: &Settings) -> Option<&'static str> {
-    if matches!(&settings.tls, Tls::Acme(a) if a.http_proxy_protocol) {
-        return Some("the PROXY protocol is not implemented yet");
-    }
-    if settings.proxy_protocol {
-        return Some("the PROXY protocol is not implemented yet");
-    }
-    None
 }
 
 fn resolve(listen: &ListenAddr) -> io::Result<SocketAddr> {

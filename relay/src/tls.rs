@@ -8,6 +8,7 @@
 //! file half-written or missing) is logged once and the previous pair stays.
 
 use std::fs;
+use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -26,6 +27,9 @@ use crate::cli::TlsFileProblem;
 
 /// How often the watcher looks at the files.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// The most read of either file: a chain of a few certificates, or a key, is far smaller, and
+/// a path to something endless (a device, a pipe) must not exhaust memory.
+const MAX_PEM_FILE: u64 = 1024 * 1024;
 
 /// Which of the two files is at fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,8 +94,8 @@ impl PairError {
 /// Reads and checks a pair: a PEM chain (leaf first) and a PEM private key (PKCS#8, PKCS#1 or
 /// SEC1) that ring can sign with and whose public key is the leaf's.
 pub fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, PairError> {
-    let cert_pem = fs::read(cert).map_err(|_| PairError::cert(TlsFileProblem::Unreadable))?;
-    let key_pem = fs::read(key).map_err(|_| PairError::key(TlsFileProblem::Unreadable))?;
+    let cert_pem = read_limited(cert).ok_or(PairError::cert(TlsFileProblem::Unreadable))?;
+    let key_pem = read_limited(key).ok_or(PairError::key(TlsFileProblem::Unreadable))?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| PairError::cert(TlsFileProblem::NotPem))?;
@@ -113,6 +117,17 @@ pub fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, PairError
         Err(rustls::Error::InconsistentKeys(_)) => Err(PairError::key(TlsFileProblem::KeyMismatch)),
         Err(_) => Err(PairError::cert(TlsFileProblem::BadCertificate)),
     }
+}
+
+/// The file's bytes; `None` if it cannot be read or is larger than [`MAX_PEM_FILE`].
+fn read_limited(path: &Path) -> Option<Vec<u8>> {
+    let mut bytes = Vec::new();
+    fs::File::open(path)
+        .ok()?
+        .take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    (bytes.len() as u64 <= MAX_PEM_FILE).then_some(bytes)
 }
 
 /// The main listener's certificate: the pair loaded last.
@@ -193,22 +208,32 @@ impl Drop for Watcher {
     }
 }
 
-/// Loads the pair (an error here is a boot refusal, §14.3 item 2) and starts watching the files
-/// every `interval`.
+/// Why [`watch`] could not start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchError {
+    /// The pair did not load: a boot refusal (§14.3 item 2).
+    Pair(PairError),
+    /// The watcher thread could not be started.
+    Thread,
+}
+
+/// Loads the pair and starts watching the files every `interval`.
 pub fn watch(
     cert: PathBuf,
     key: PathBuf,
     interval: Duration,
-) -> Result<(Arc<FileCerts>, Watcher), PairError> {
+) -> Result<(Arc<FileCerts>, Watcher), WatchError> {
     // Taken before the load: a change while loading is seen at the first look.
     let seen = signature(&cert, &key);
-    let certs = Arc::new(FileCerts::new(load_pair(&cert, &key)?));
+    let certs = Arc::new(FileCerts::new(
+        load_pair(&cert, &key).map_err(WatchError::Pair)?,
+    ));
     let (stop, stopped) = mpsc::channel();
     let target = certs.clone();
     let thread = std::thread::Builder::new()
         .name("switchyard-tls-files".to_owned())
         .spawn(move || watch_loop(&cert, &key, interval, seen, &target, &stopped))
-        .map_err(|_| PairError::cert(TlsFileProblem::Unreadable))?;
+        .map_err(|_| WatchError::Thread)?;
     Ok((
         certs,
         Watcher {
@@ -320,6 +345,18 @@ mod tests {
             load_pair(&cert, &cert).unwrap_err(),
             PairError::key(TlsFileProblem::NotPem)
         );
+        // Beyond the size cap: not read at all, whatever it holds.
+        let huge = d.join("huge.pem");
+        let mut text = pair.0.clone().into_bytes();
+        text.resize(MAX_PEM_FILE as usize + 1, b'\n');
+        fs::write(&huge, &text).unwrap();
+        assert_eq!(
+            load_pair(&huge, &key).unwrap_err(),
+            PairError::cert(TlsFileProblem::Unreadable)
+        );
+        text.truncate(MAX_PEM_FILE as usize);
+        fs::write(&huge, &text).unwrap();
+        assert!(load_pair(&huge, &key).is_ok());
         let half = d.join("half.pem");
         fs::write(&half, &pair.1[..pair.1.len() / 2]).unwrap();
         assert!(load_pair(&cert, &half).is_err());

@@ -301,12 +301,12 @@ fn open_cert_cache_is_tightened_and_a_missing_one_created_0700() {
             .read_to_string(&mut err)
             .unwrap();
         assert!(err.contains(log), "{err}");
-        assert!(err.contains("mode=acme_tls_alpn"), "{err}");
+        assert!(err.contains("mode=acme"), "{err}");
     }
 }
 
 #[test]
-fn acme_refusals_exit_2() {
+fn bad_acme_ca_file_exits_2() {
     let dir = scratch("acme-refusals");
     // Looks like PEM but holds no certificate a root store takes (refused as it is parsed).
     let bad_ca = dir.join("bad-ca.pem");
@@ -320,19 +320,120 @@ fn acme_refusals_exit_2() {
     let main = main.to_string();
     let mut with_ca = acme_args(cache.to_str().unwrap(), &main);
     with_ca.extend(["--acme-ca-file", bad_ca.to_str().unwrap()]);
-    let mut proxied = acme_args(cache.to_str().unwrap(), &main);
-    proxied.extend([
-        "--acme-http-listen",
-        "127.0.0.1:1",
-        "--acme-http-proxy-protocol",
-    ]);
-    for (args, expect) in [
-        (with_ca, "--acme-ca-file"),
-        (proxied, "reason=not_implemented"),
-    ] {
-        let out = run_output(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains(expect), "{err}");
+    let out = run_output(&with_ca);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--acme-ca-file"), "{err}");
+    assert!(err.contains("reason=tls_file"), "{err}");
+}
+
+/// A request to a listener behind `prefix`; `None` when the relay closed writing nothing.
+fn get_behind(addr: SocketAddr, prefix: &[u8], path: &str) -> Option<u16> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut request = prefix.to_vec();
+    request.extend(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").bytes());
+    let _ = s.write_all(&request);
+    let mut out = Vec::new();
+    match s.read_to_end(&mut out) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => panic!("not closed"),
+        _ => {}
+    }
+    if out.is_empty() {
+        return None;
+    }
+    String::from_utf8_lossy(&out)
+        .split(' ')
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// `--proxy-protocol` (and its alias and variable) on both runtimes: the main listener serves
+/// only behind a PROXY v2 header, the metrics listener plain HTTP, and the `listening` line says
+/// so (item 24).
+#[test]
+fn item_24_proxy_protocol_flag_on_both_runtimes() {
+    // PROXY, TCP over IPv4, 203.0.113.1:40000 → 10.0.0.1:8080.
+    let header =
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71\x01\x0a\x00\x00\x01\x9c\x40\x1f\x90";
+    let setups = [
+        (&["--proxy-protocol"][..], None),
+        (&["--runtime", "smol", "--https-proxy-protocol"], None),
+        (
+            &["--runtime", "smol"],
+            Some(("SWITCHYARD_PROXY_PROTOCOL", "1")),
+        ),
+    ];
+    for (flags, env) in setups {
+        let (main, metrics) = ports();
+        let (main_arg, metrics_arg) = (main.to_string(), metrics.to_string());
+        let mut args = vec!["--listen", &main_arg, "--metrics-listen", &metrics_arg];
+        args.extend_from_slice(flags);
+        let mut command = Command::new(BIN);
+        command
+            .args(&args)
+            .env_remove("FLY_APP_NAME")
+            .env_remove("PYRYCODE_RELAY_PRODUCTION")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some((k, v)) = env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn switchyard");
+        assert_eq!(wait_for(metrics, "/metrics").0, 200, "{args:?}");
+        assert_eq!(get_behind(main, header, "/healthz"), Some(200), "{args:?}");
+        assert_eq!(get_behind(main, b"", "/healthz"), None, "{args:?}");
+        signal(&child, "TERM");
+        assert_eq!(
+            wait_exit(&mut child, Duration::from_secs(11)).code(),
+            Some(0)
+        );
+        let mut log = String::new();
+        child
+            .stderr
+            .take()
+            .expect("stderr")
+            .read_to_string(&mut log)
+            .unwrap();
+        let listening = log
+            .lines()
+            .find(|l| l.contains("msg=listening"))
+            .unwrap_or_else(|| panic!("no listening line: {log}"));
+        assert!(listening.contains("mode=proxy+http"), "{listening}");
+    }
+}
+
+/// `--acme-http-proxy-protocol` (§3.2) on both runtimes: the http-01 listener takes a PROXY v2
+/// header before the head; without one the connection is closed writing nothing.
+#[test]
+fn acme_http_listener_takes_proxy_v2_when_asked() {
+    let header =
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c\xcb\x00\x71\x01\x0a\x00\x00\x01\x9c\x40\x1f\x90";
+    let dir = scratch("acme-http-proxy");
+    for runtime in ["tokio", "smol"] {
+        let cache = dir.join(runtime);
+        let (main, http01) = ports();
+        let (main_arg, http01_arg) = (main.to_string(), http01.to_string());
+        let mut args = acme_args(cache.to_str().unwrap(), &main_arg);
+        args.extend(["--runtime", runtime, "--acme-http-listen", &http01_arg]);
+        args.push("--acme-http-proxy-protocol");
+        let mut child = spawn(&args);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(http01).is_err() {
+            assert!(Instant::now() < deadline, "{runtime}: never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let path = "/.well-known/acme-challenge/no-such-token";
+        assert_eq!(get_behind(http01, header, path), Some(404), "{runtime}");
+        assert_eq!(get_behind(http01, header, "/"), Some(404), "{runtime}");
+        assert_eq!(get_behind(http01, b"", path), None, "{runtime}");
+        signal(&child, "TERM");
+        assert_eq!(
+            wait_exit(&mut child, Duration::from_secs(10)).code(),
+            Some(0),
+            "{runtime}"
+        );
     }
 }

@@ -2,11 +2,18 @@
 //!
 //! [`ConnDriver::next_event`] needs no timers and no channels, only futures-io streams: the
 //! connection task loops on it and forwards what it reports to the shard.
+//!
+//! A quiet connection keeps no buffers. Once a heartbeat period has passed without a data
+//! message either way, the driver puts its codec to sleep whenever it has returned every frame
+//! it read and written everything it was given: it keeps only the socket and waits for one byte.
+//! The byte (or a command from the shard) wakes a fresh codec, which starts from that byte. The
+//! frame scanner, which sees every byte, says when the codec holds nothing (PERFORMANCE.md).
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use async_tungstenite::WebSocketStream;
@@ -44,18 +51,26 @@ pub async fn accept<S>(
     socket: S,
     rest: Vec<u8>,
     max_message_size: usize,
-) -> WebSocketStream<Watched<S>>
+) -> Box<WebSocketStream<Watched<S>>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut watched = Watched::new(socket);
     watched.observe(&rest);
+    codec(watched, rest, max_message_size).await
+}
+
+/// A codec over `socket` that starts with `read`, bytes already taken from it (and observed).
+async fn codec<S>(
+    socket: Watched<S>,
+    read: Vec<u8>,
+    max_message_size: usize,
+) -> Box<WebSocketStream<Watched<S>>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let config = Some(websocket_config(max_message_size));
-    if rest.is_empty() {
-        WebSocketStream::from_raw_socket(watched, Role::Server, config).await
-    } else {
-        WebSocketStream::from_partially_read(watched, rest, Role::Server, config).await
-    }
+    Box::new(WebSocketStream::from_partially_read(socket, read, Role::Server, config).await)
 }
 
 /// What happened on a connection, for its shard.
@@ -78,10 +93,47 @@ enum Reading {
     Discarding,
 }
 
+/// The codec, boxed so that a sleeping connection does not carry its size.
+type Ws<S> = Box<WebSocketStream<Watched<S>>>;
+
+/// A connection's codec, or while the connection is quiet only its socket.
+enum Codec<S> {
+    Awake(Ws<S>),
+    /// No buffer is held; one byte read (or a command to write) wakes a new codec.
+    Asleep(Watched<S>),
+    /// A new codec is being built (async-tungstenite builds one in a future, ready at once).
+    Waking(Pin<Box<dyn Future<Output = Ws<S>> + Send>>),
+    /// Only while moving between the states above.
+    Moving,
+}
+
+/// What one poll of a sleeping codec found.
+enum Asleep {
+    Event(Event),
+    /// Wake the codec, starting with these bytes already read.
+    Wake(Vec<u8>),
+}
+
 /// One accepted connection's reader and writer.
 pub struct ConnDriver<S> {
+    codec: Codec<S>,
+    max_message_size: usize,
+    /// The node's count of connections whose codec is asleep.
+    asleep: Arc<AtomicUsize>,
+    state: State,
+}
+
+impl<S> Drop for ConnDriver<S> {
+    fn drop(&mut self) {
+        if matches!(self.codec, Codec::Asleep(_)) {
+            self.asleep.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Everything the driver tracks besides the codec.
+struct State {
     conn: ConnKey,
-    ws: WebSocketStream<Watched<S>>,
     queue: Arc<ConnQueue>,
     reading: Reading,
     /// A `MessageStarted` was reported for the message now in progress.
@@ -99,26 +151,42 @@ pub struct ConnDriver<S> {
     /// Alternates which side is polled first, so neither starves the other.
     write_first: bool,
     discard: Vec<u8>,
+    /// A data message went either way since the last heartbeat ping.
+    active: bool,
+    /// A whole heartbeat period passed without a data message: sleep whenever possible.
+    quiet: bool,
 }
 
 impl<S> ConnDriver<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    pub fn new(conn: ConnKey, ws: WebSocketStream<Watched<S>>, queue: Arc<ConnQueue>) -> Self {
+    pub fn new(
+        conn: ConnKey,
+        ws: Box<WebSocketStream<Watched<S>>>,
+        queue: Arc<ConnQueue>,
+        max_message_size: usize,
+        asleep: Arc<AtomicUsize>,
+    ) -> Self {
         ConnDriver {
-            conn,
-            ws,
-            queue,
-            reading: Reading::Frames,
-            started_reported: false,
-            peer_close: None,
-            unflushed: 0,
-            dirty: false,
-            close_queued: false,
-            write_done: false,
-            write_first: false,
-            discard: Vec::new(),
+            codec: Codec::Awake(ws),
+            max_message_size,
+            asleep,
+            state: State {
+                conn,
+                queue,
+                reading: Reading::Frames,
+                started_reported: false,
+                peer_close: None,
+                unflushed: 0,
+                dirty: false,
+                close_queued: false,
+                write_done: false,
+                write_first: false,
+                discard: Vec::new(),
+                active: false,
+                quiet: false,
+            },
         }
     }
 
@@ -127,40 +195,150 @@ where
         poll_fn(|cx| self.poll_event(cx)).await
     }
 
-    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        let controls = self.queue.poll_controls(cx);
+    /// Ends the transport without waiting: over TLS a close_notify goes out if the socket
+    /// takes it at once, then TCP's sending side is shut down. Nothing waits on a stalled peer
+    /// (write timeout, abort): the caller drops the socket right after.
+    pub fn close_transport_now(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = match &mut self.codec {
+            Codec::Awake(ws) => Pin::new(ws.get_mut()).poll_close(&mut cx),
+            Codec::Asleep(socket) => Pin::new(socket).poll_close(&mut cx),
+            Codec::Waking(_) | Codec::Moving => return,
+        };
+    }
+
+    /// The codec is asleep: no buffer is held.
+    pub fn is_asleep(&self) -> bool {
+        matches!(self.codec, Codec::Asleep(_))
+    }
+
+    /// Polls for the next thing the shard must hear about.
+    pub fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let controls = self.state.queue.poll_controls(cx);
         if controls.aborted {
             return Poll::Ready(Event::End(Ended::Local));
         }
+        // Paused by the shard (§10), or a phone's message read and not yet taken (A3).
+        let may_read = !controls.paused && !controls.credit_exhausted;
+        loop {
+            match &mut self.codec {
+                Codec::Awake(ws) => {
+                    if let Poll::Ready(event) = self.state.poll_awake(ws, may_read, cx) {
+                        return Poll::Ready(event);
+                    }
+                    if !self.state.may_sleep(ws, may_read, cx) {
+                        return Poll::Pending;
+                    }
+                    if let Codec::Awake(ws) = std::mem::replace(&mut self.codec, Codec::Moving) {
+                        self.codec = Codec::Asleep(ws.into_inner());
+                        self.asleep.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Codec::Asleep(socket) => {
+                    match ready!(self.state.poll_asleep(socket, may_read, cx)) {
+                        Asleep::Event(event) => return Poll::Ready(event),
+                        Asleep::Wake(read) => {
+                            let max = self.max_message_size;
+                            if let Codec::Asleep(socket) =
+                                std::mem::replace(&mut self.codec, Codec::Moving)
+                            {
+                                self.asleep.fetch_sub(1, Ordering::Relaxed);
+                                self.codec = Codec::Waking(Box::pin(codec(socket, read, max)));
+                            }
+                        }
+                    }
+                }
+                Codec::Waking(waking) => {
+                    self.codec = Codec::Awake(ready!(waking.as_mut().poll(cx)))
+                }
+                // Cannot be seen between calls; ending is the safe answer if it ever were.
+                Codec::Moving => return Poll::Ready(Event::End(Ended::Local)),
+            }
+        }
+    }
+}
+
+impl State {
+    fn poll_awake<S>(&mut self, ws: &mut Ws<S>, may_read: bool, cx: &mut Context<'_>) -> Poll<Event>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         self.write_first = !self.write_first;
         if self.write_first {
-            if let Poll::Ready(e) = self.poll_write(cx) {
+            if let Poll::Ready(e) = self.poll_write(ws, cx) {
                 return Poll::Ready(e);
             }
         }
-        if !controls.paused || self.reading == Reading::Discarding {
-            if let Poll::Ready(e) = self.poll_read(cx) {
+        if may_read || self.reading == Reading::Discarding {
+            if let Poll::Ready(e) = self.poll_read(ws, cx) {
                 return Poll::Ready(e);
             }
         }
         if !self.write_first {
-            if let Poll::Ready(e) = self.poll_write(cx) {
+            if let Poll::Ready(e) = self.poll_write(ws, cx) {
                 return Poll::Ready(e);
             }
         }
         Poll::Pending
     }
 
+    /// Whether the codec can go: the connection is quiet, the codec has returned every frame it
+    /// read, holds no partial message and has flushed everything, and nothing waits to be sent.
+    /// Both sides returned `Pending`, so wake-ups are registered.
+    fn may_sleep<S>(&mut self, ws: &mut Ws<S>, may_read: bool, cx: &mut Context<'_>) -> bool
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        self.quiet
+            && may_read
+            && self.reading == Reading::Frames
+            && self.peer_close.is_none()
+            && !self.close_queued
+            && !self.write_done
+            && !self.dirty
+            && ws.get_ref().scanner().at_boundary()
+            && !self.queue.has_cmd()
+            // Also writes a pong the codec owes the peer.
+            && matches!(Pin::new(&mut **ws).poll_flush(cx), Poll::Ready(Ok(())))
+    }
+
+    /// With the codec asleep: wake it for a command to write, or for a byte read.
+    fn poll_asleep<S>(
+        &mut self,
+        socket: &mut Watched<S>,
+        may_read: bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<Asleep>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        if self.queue.has_cmd() {
+            return Poll::Ready(Asleep::Wake(Vec::new()));
+        }
+        if !may_read {
+            return Poll::Pending;
+        }
+        let mut byte = [0; 1];
+        match ready!(Pin::new(socket).poll_read(cx, &mut byte)) {
+            Ok(1) => Poll::Ready(Asleep::Wake(byte.to_vec())),
+            // EOF or a reset with no close frame, as the codec would have reported them.
+            Ok(_) | Err(_) => Poll::Ready(Asleep::Event(Event::End(self.ended_abruptly()))),
+        }
+    }
+
     // ---- reading ------------------------------------------------------------------------
 
-    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_read<S>(&mut self, ws: &mut Ws<S>, cx: &mut Context<'_>) -> Poll<Event>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         if self.reading == Reading::Discarding {
-            return self.poll_discard(cx);
+            return self.poll_discard(ws, cx);
         }
         loop {
-            let item = match Pin::new(&mut self.ws).poll_next(cx) {
+            let item = match Pin::new(&mut **ws).poll_next(cx) {
                 Poll::Pending => {
-                    let in_message = self.ws.get_ref().scanner().in_message();
+                    let in_message = ws.get_ref().scanner().in_message();
                     if in_message && !self.started_reported {
                         self.started_reported = true;
                         return Poll::Ready(self.input(|conn| Input::MessageStarted { conn }));
@@ -182,7 +360,7 @@ where
                 Ok(Message::Close(frame)) => {
                     // The codec replies (echoing an allowed code, else 1002); keep polling so the
                     // reply is flushed and the stream ends.
-                    let raw = self.ws.get_ref().scanner().close();
+                    let raw = ws.get_ref().scanner().close();
                     let code = raw.unwrap_or_else(|| frame.map(|f| u16::from(f.code)));
                     self.peer_close.get_or_insert(code);
                     continue;
@@ -191,6 +369,9 @@ where
                 Err(e) => return Poll::Ready(self.read_error(e)),
             };
             self.started_reported = false;
+            self.active = true;
+            self.quiet = false;
+            self.queue.message_read();
             return Poll::Ready(self.input(|conn| Input::Message { conn, data }));
         }
     }
@@ -216,15 +397,18 @@ where
 
     /// After a violation: reads and throws away raw bytes until EOF, or until the peer's close
     /// frame has arrived and the relay's own close frame is out.
-    fn poll_discard(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_discard<S>(&mut self, ws: &mut Ws<S>, cx: &mut Context<'_>) -> Poll<Event>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         if self.discard.is_empty() {
             self.discard = vec![0; DISCARD_CHUNK];
         }
         loop {
-            if self.ws.get_ref().scanner().close().is_some() && self.write_done {
+            if ws.get_ref().scanner().close().is_some() && self.write_done {
                 return Poll::Ready(Event::End(Ended::Local));
             }
-            let socket = Pin::new(self.ws.get_mut());
+            let socket = Pin::new(ws.get_mut());
             match ready!(socket.poll_read(cx, &mut self.discard)) {
                 Ok(0) => return Poll::Ready(Event::End(Ended::Local)),
                 Ok(_) => {}
@@ -254,7 +438,10 @@ where
     // ---- writing ------------------------------------------------------------------------
 
     /// Hands queued commands to the codec, then flushes once for the batch.
-    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+    fn poll_write<S>(&mut self, ws: &mut Ws<S>, cx: &mut Context<'_>) -> Poll<Event>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
         if self.write_done {
             // Commands after the end of writing (the peer closed first) have nowhere to go.
             while self.queue.pop().is_some() {}
@@ -263,15 +450,25 @@ where
         loop {
             let mut fed = 0;
             while fed < MAX_BATCH && !self.close_queued && self.queue.has_cmd() {
-                match Pin::new(&mut self.ws).poll_ready(cx) {
+                match Pin::new(&mut **ws).poll_ready(cx) {
                     Poll::Pending => break,
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return self.write_error(e),
                 }
                 let Some(cmd) = self.queue.pop() else { break };
                 let (message, is_send) = match cmd {
-                    Cmd::Send(data) => (text(data), true),
-                    Cmd::Ping => (Message::Ping(Bytes::new()), false),
+                    Cmd::Send(data) => {
+                        self.active = true;
+                        self.quiet = false;
+                        (text(data), true)
+                    }
+                    Cmd::Ping => {
+                        // The heartbeat marks the periods that decide whether a connection is
+                        // quiet.
+                        self.quiet = !self.active;
+                        self.active = false;
+                        (Message::Ping(Bytes::new()), false)
+                    }
                     Cmd::Close { code, reason } => {
                         self.close_queued = true;
                         let frame = CloseFrame {
@@ -283,7 +480,7 @@ where
                 };
                 fed += 1;
                 self.dirty = true;
-                if let Err(e) = Pin::new(&mut self.ws).start_send(message) {
+                if let Err(e) = Pin::new(&mut **ws).start_send(message) {
                     return self.write_error(e);
                 }
                 if is_send {
@@ -293,7 +490,7 @@ where
             if !self.dirty {
                 return Poll::Pending;
             }
-            match Pin::new(&mut self.ws).poll_flush(cx) {
+            match Pin::new(&mut **ws).poll_flush(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return self.write_error(e),
                 Poll::Ready(Ok(())) => {}

@@ -18,26 +18,17 @@ pub(crate) async fn race<T>(a: impl Future<Output = T>, b: impl Future<Output = 
     .await
 }
 
-/// Resolves once `d` has passed on the executor's clock.
-pub(crate) async fn sleep<E: Executor>(d: Duration) {
+/// The instant `d` from now on the executor's clock.
+pub(crate) fn deadline_after<E: Executor>(d: Duration) -> Instant {
     let now = E::now();
     // A limit too far to represent never fires in practice.
-    let at = now
-        .checked_add(d)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600));
-    E::timer(at).await;
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
-/// `f`'s output, or `None` once `deadline` has passed on the executor's clock.
-pub(crate) async fn until<E: Executor, T>(
-    deadline: Instant,
-    f: impl Future<Output = T>,
-) -> Option<T> {
-    race(async { Some(f.await) }, async {
-        E::timer(deadline).await;
-        None
-    })
-    .await
+/// Resolves once `d` has passed on the executor's clock.
+pub(crate) async fn sleep<E: Executor>(d: Duration) {
+    E::timer(deadline_after::<E>(d)).await;
 }
 
 /// `f`'s output, or `None` once `limit` has passed.
@@ -45,8 +36,16 @@ pub(crate) async fn timeout<E: Executor, T>(
     limit: Duration,
     f: impl Future<Output = T>,
 ) -> Option<T> {
+    timeout_at::<E, T>(deadline_after::<E>(limit), f).await
+}
+
+/// `f`'s output, or `None` once the executor's clock reaches `deadline`.
+pub(crate) async fn timeout_at<E: Executor, T>(
+    deadline: Instant,
+    f: impl Future<Output = T>,
+) -> Option<T> {
     race(async { Some(f.await) }, async {
-        sleep::<E>(limit).await;
+        E::timer(deadline).await;
         None
     })
     .await

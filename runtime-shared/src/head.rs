@@ -21,6 +21,9 @@ const CHUNK: usize = 2048;
 
 /// Reads until the end of the request head or `max_head_size` bytes. `Ok(None)`: the peer ended
 /// the connection first.
+///
+/// Never reads past `max_head_size` and never holds a buffer larger than it, however the head
+/// trickles in: that is the memory a connection awaiting its head costs (decision A2).
 pub async fn read_head<R: AsyncRead + Unpin>(
     reader: &mut R,
     max_head_size: usize,
@@ -29,7 +32,13 @@ pub async fn read_head<R: AsyncRead + Unpin>(
     loop {
         let searched = buf.len().saturating_sub(3);
         let old = buf.len();
-        buf.resize(old + CHUNK, 0);
+        let room = CHUNK.min(max_head_size.saturating_sub(old)).max(1);
+        if buf.capacity() < old + room {
+            // Doubling keeps a trickled head linear; the limit caps it.
+            let target = (buf.capacity() * 2).clamp(old + room, max_head_size.max(old + room));
+            buf.reserve_exact(target - old);
+        }
+        buf.resize(old + room, 0);
         let n = reader.read(&mut buf[old..]).await?;
         buf.truncate(old + n);
         if n == 0 {
@@ -99,6 +108,40 @@ mod tests {
         // One byte short: cut.
         let h = read(&req, req.len() - 1).unwrap();
         assert_eq!(h.head.len(), req.len() - 1);
+    }
+
+    /// Hands out one byte per read, as a slowloris client sends.
+    struct Trickle(Vec<u8>, usize);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            out: &mut [u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let i = self.1;
+            let n = usize::from(i < self.0.len() && !out.is_empty());
+            if n == 1 {
+                out[0] = self.0[i];
+                self.1 += 1;
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn buffer_never_outgrows_the_limit() {
+        let mut req = b"GET / HTTP/1.1\r\nX: ".to_vec();
+        req.resize(20_000, b'a');
+        for max in [4096, 5000, 16384] {
+            let h = block_on(read_head(&mut Trickle(req.clone(), 0), max))
+                .unwrap()
+                .unwrap();
+            assert_eq!(h.head[..], req[..max]);
+            assert!(h.head.capacity() <= max, "{} > {max}", h.head.capacity());
+            let h = read(&req, max).unwrap();
+            assert!(h.head.capacity() <= max, "{} > {max}", h.head.capacity());
+        }
     }
 
     #[test]

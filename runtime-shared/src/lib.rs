@@ -1,9 +1,11 @@
 //! The runtime-neutral half of Switchyard's runtimes: everything between the sockets and the
 //! sans-IO core that needs no particular executor, written once against [`Executor`].
 //!
-//! Nothing here decides protocol behaviour. A node accepts TCP, reads a request head (applying
-//! the core's `header_timeout` and `max_head_size`), asks the [`Gate`] for a [`Verdict`] and
-//! carries it out, then pumps WebSocket frames between each socket and its shard.
+//! Nothing here decides protocol behaviour. A node accepts TCP, reads a PROXY v2 header when the
+//! listener requires one (as the core's `judge_proxy_header` directs), reads a request head
+//! (applying the core's `header_timeout`, counted from the accept, and `max_head_size`), asks the
+//! [`Gate`] for a [`Verdict`] and carries it out, then pumps WebSocket frames between each socket
+//! and its shard.
 //!
 //! # Architecture
 //!
@@ -38,11 +40,13 @@
 pub mod driver;
 mod future;
 mod gate;
+mod gauges;
 pub mod head;
 pub mod http;
 #[cfg(all(test, switchyard_loom))]
 mod loom_models;
 mod node;
+pub mod proxy;
 mod published;
 pub mod queue;
 pub mod scanner;
@@ -130,6 +134,8 @@ pub trait Http01Answers: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct AcmeHttp {
     pub listen: SocketAddr,
+    /// `--acme-http-proxy-protocol`: every connection must begin with a PROXY v2 header (§3.2).
+    pub proxy_protocol: bool,
     pub answers: Arc<dyn Http01Answers>,
 }
 
@@ -150,6 +156,10 @@ pub struct Options {
     /// Performs push wakes; `None` when push is off. `config.push_enabled` should be set
     /// exactly when this is `Some` (a wake the core admits without a sink is ignored).
     pub push: Option<Arc<dyn PushSink>>,
+    /// `--proxy-protocol`: every main-listener connection must begin with a PROXY v2 header,
+    /// whose source address is then the client's (PROTOCOL.md §3.2). The metrics listener never
+    /// takes one.
+    pub proxy_protocol: bool,
     /// TLS on the main listener (built with [`tls::server_config`], or by the ACME client);
     /// `None`: plain HTTP/1.1. The metrics listener is always plain. A config whose ALPN list
     /// offers [`tls::ALPN_ACME_TLS`] gets TLS-ALPN-01 validations closed after their handshake.
@@ -166,6 +176,7 @@ impl fmt::Debug for Options {
             .field("workers", &self.workers)
             .field("config", &self.config)
             .field("push", &self.push.is_some())
+            .field("proxy_protocol", &self.proxy_protocol)
             .field("tls", &self.tls.is_some())
             .field("acme_http", &self.acme_http.as_ref().map(|a| a.listen))
             .finish_non_exhaustive()

@@ -247,6 +247,40 @@ fn queue_controls_pause_resume_abort() {
     });
 }
 
+/// A phone's read credit (decision A3) is returned without a lost wake-up, and a pause the
+/// shard decides before returning it is seen before the task reads again: the task reads two
+/// messages, the shard handles the first and pauses; the task ends up paused, never having read
+/// while the credit was used up.
+#[test]
+fn queue_read_credit_no_lost_wakeup() {
+    check("queue_read_credit_no_lost_wakeup", || {
+        let queue = Arc::new(ConnQueue::for_role(&switchyard_core::Role::Phone {
+            device_name: None,
+        }));
+        queue.message_read();
+        let shard = thread::spawn({
+            let queue = queue.clone();
+            move || {
+                queue.pause_reading(true);
+                queue.message_handled();
+            }
+        });
+        block_on(async {
+            poll_fn(|cx| {
+                let c = queue.poll_controls(cx);
+                if c.credit_exhausted {
+                    Poll::Pending
+                } else {
+                    assert!(c.paused, "credit returned before the pause was in place");
+                    Poll::Ready(())
+                }
+            })
+            .await;
+        });
+        shard.join().unwrap();
+    });
+}
+
 // ---- published figures: shard (writer) → /healthz and /metrics (readers) -------------------
 
 fn counters(step: u64) -> Counters {

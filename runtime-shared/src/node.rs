@@ -2,12 +2,13 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use async_channel::Sender;
+use async_channel::{Sender, TrySendError};
 use async_tungstenite::WebSocketStream;
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
@@ -17,10 +18,12 @@ use switchyard_core::{
 };
 
 use crate::driver::{self, ConnDriver, Event};
-use crate::future::{race, sleep, timeout, until, yield_now};
+use crate::future::{deadline_after, race, sleep, timeout, timeout_at};
 use crate::gate::SharedGate;
+use crate::gauges::{Gauges, Held};
 use crate::head::{Head, read_head};
 use crate::http::{self, AcmeRoute, MetricsRoute};
+use crate::proxy::read_proxy_header;
 use crate::published::Published;
 use crate::queue::ConnQueue;
 use crate::scanner::Watched;
@@ -28,7 +31,7 @@ use crate::shard::{self, ShardMsg};
 use crate::signal::{self, Alive, Done, Flag};
 use crate::tls::{self, Negotiated};
 use crate::{
-    Executor, Http01Answers, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed,
+    AcmeHttp, Executor, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed,
 };
 
 /// Inputs a shard's channel holds before connections wait (backpressure on reading).
@@ -52,14 +55,19 @@ struct Node<E> {
     gate: SharedGate,
     shards: Vec<ShardLink>,
     next_conn: AtomicU64,
+    /// Upgraded connections whose codec is asleep (holding no buffers).
+    asleep: Arc<AtomicUsize>,
     /// Set once shutdown begins: listeners close, connections not yet upgraded are dropped.
     stopping: Flag,
     render_metrics: RenderMetrics,
     push: Option<Arc<dyn PushSink>>,
+    /// Every main-listener connection begins with a PROXY v2 header (§3.2).
+    proxy_protocol: bool,
     /// TLS on the main listener; `None`: plain HTTP.
     tls: Option<TlsAcceptor>,
-    /// Answers the http-01 listener gives; `None` when it is off.
-    acme_answers: Option<Arc<dyn Http01Answers>>,
+    /// The http-01 listener's answers and PROXY setting; `None` when it is off.
+    acme_http: Option<AcmeHttp>,
+    gauges: Gauges,
 }
 
 impl<E: Executor> Node<E> {
@@ -79,6 +87,7 @@ impl<E: Executor> Node<E> {
         if let Some(push) = &self.push {
             sum.add(&push.counters());
         }
+        self.gauges.read_into(&mut sum);
         sum
     }
 
@@ -165,11 +174,14 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
         config: options.config,
         shards,
         next_conn: AtomicU64::new(1),
+        asleep: Arc::default(),
         stopping: Flag::default(),
         render_metrics: options.render_metrics,
         push: options.push,
+        proxy_protocol: options.proxy_protocol,
         tls: options.tls.map(TlsAcceptor::from),
-        acme_answers: options.acme_http.map(|a| a.answers),
+        acme_http: options.acme_http,
+        gauges: Gauges::default(),
     });
     let (shard_alive, shards_done) = signal::latch();
     for (i, rx) in receivers.into_iter().enumerate() {
@@ -227,6 +239,12 @@ impl<E: Executor> Handle<E> {
     /// The node's counters: the gate's and every shard's, summed.
     pub fn counters(&self) -> Counters {
         self.node.counters()
+    }
+
+    /// Upgraded connections quiet enough that their codec is asleep: they hold a socket and no
+    /// read or write buffer (see `driver`).
+    pub fn quiet_connections(&self) -> usize {
+        self.node.asleep.load(Ordering::Relaxed)
     }
 
     /// SIGHUP (PROTOCOL.md §16.3): every shard closes its claimants and holders.
@@ -302,11 +320,14 @@ async fn accept_loop<E: Executor>(
         match race(stopped.as_mut(), accepted).await {
             None => break,
             Some(Ok((stream, peer))) => {
+                // Stage 0's limit runs from the accept (§3).
+                let deadline = deadline_after::<E>(node.config.header_timeout);
                 let node = node.clone();
+                let exec = node.exec.clone();
                 match kind {
-                    Listener::Main => node.exec.clone().spawn(serve_main(node, stream, peer)),
-                    Listener::Metrics => node.exec.clone().spawn(serve_metrics(node, stream)),
-                    Listener::AcmeHttp => node.exec.clone().spawn(serve_acme_http(node, stream)),
+                    Listener::Main => exec.spawn(serve_main(node, stream, peer, deadline)),
+                    Listener::Metrics => exec.spawn(serve_metrics(node, stream, deadline)),
+                    Listener::AcmeHttp => exec.spawn(serve_acme_http(node, stream, deadline)),
                 }
             }
             Some(Err(e)) => {
@@ -320,30 +341,17 @@ async fn accept_loop<E: Executor>(
     drop(alive);
 }
 
-/// The end of stage 0 (§3): `header_timeout` from now, for a connection just accepted. Every
-/// transport step and the request head must be done by then.
-fn stage0_deadline<E: Executor>(config: &Config) -> Instant {
-    let now = E::now();
-    // A limit too far to represent never fires in practice.
-    now.checked_add(config.header_timeout)
-        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
-}
-
-/// Reads the request head by `deadline`; `None`: timed out, ended, failed, or the node is
-/// stopping. The connection is then closed writing nothing.
-async fn head<E: Executor, S: AsyncRead + Unpin>(
+/// A stage-0 read (§3) finished by `deadline`; `None`: timed out, ended, failed, refused, or the
+/// node is stopping. The connection is then closed writing nothing.
+async fn stage_0<E: Executor, T>(
     node: &Node<E>,
-    socket: &mut S,
     deadline: Instant,
-) -> Option<Head> {
+    read: impl Future<Output = io::Result<Option<T>>>,
+) -> Option<T> {
     if node.stopping.is_set() {
         return None;
     }
-    let read = async {
-        until::<E, _>(deadline, read_head(socket, node.config.max_head_size))
-            .await?
-            .ok()?
-    };
+    let read = async { timeout_at::<E, _>(deadline, read).await?.ok()? };
     let stopped = async {
         node.stopping.wait().await;
         None
@@ -351,13 +359,48 @@ async fn head<E: Executor, S: AsyncRead + Unpin>(
     race(read, stopped).await
 }
 
-async fn serve_main<E: Executor>(node: Arc<Node<E>>, socket: E::Stream, peer: SocketAddr) {
-    let deadline = stage0_deadline::<E>(&node.config);
+/// Reads the request head by `deadline`.
+async fn head<E: Executor, S: AsyncRead + Unpin>(
+    node: &Node<E>,
+    socket: &mut S,
+    deadline: Instant,
+) -> Option<Head> {
+    stage_0(node, deadline, read_head(socket, node.config.max_head_size)).await
+}
+
+/// The transport peer (§3.1): the TCP peer, or with `--proxy-protocol` the source of the PROXY
+/// v2 header read by `deadline` (§3.2). `None`: no acceptable header in time.
+async fn transport_peer<E: Executor>(
+    node: &Node<E>,
+    socket: &mut E::Stream,
+    peer: SocketAddr,
+    deadline: Instant,
+) -> Option<IpAddr> {
+    if !node.proxy_protocol {
+        return Some(peer.ip());
+    }
+    let source = stage_0(node, deadline, read_proxy_header(socket)).await?;
+    Some(source.ip())
+}
+
+/// Serves one connection of the main listener: the transport steps of stage 0 (§3), PROXY
+/// header then TLS handshake, all by `deadline`, then [`serve_http`] over the stream they leave.
+async fn serve_main<E: Executor>(
+    node: Arc<Node<E>>,
+    mut socket: E::Stream,
+    peer: SocketAddr,
+    deadline: Instant,
+) {
+    let open = node.gauges.open();
+    let pending = node.gauges.pending_head();
+    let Some(client) = transport_peer(&node, &mut socket, peer, deadline).await else {
+        return;
+    };
     match node.tls.clone() {
-        None => serve_http(node, socket, peer, deadline).await,
+        None => serve_http(node, socket, client, deadline, (open, pending)).await,
         Some(acceptor) => {
             if let Some(tls) = handshake(&node, &acceptor, socket, deadline).await {
-                serve_http(node, tls, peer, deadline).await;
+                serve_http(node, tls, client, deadline, (open, pending)).await;
             }
         }
     }
@@ -372,7 +415,11 @@ async fn handshake<E: Executor>(
     socket: E::Stream,
     deadline: Instant,
 ) -> Option<TlsStream<E::Stream>> {
-    let accept = async { until::<E, _>(deadline, acceptor.accept(socket)).await?.ok() };
+    let accept = async {
+        timeout_at::<E, _>(deadline, acceptor.accept(socket))
+            .await?
+            .ok()
+    };
     let stopped = async {
         node.stopping.wait().await;
         None
@@ -381,108 +428,234 @@ async fn handshake<E: Executor>(
     match tls::negotiated(stream.get_ref().1.alpn_protocol()) {
         Negotiated::Http => Some(stream),
         Negotiated::AcmeChallenge => {
-            let _ = until::<E, _>(deadline, stream.close()).await;
+            let _ = timeout_at::<E, _>(deadline, stream.close()).await;
             None
         }
     }
 }
 
-/// Everything after the transport: the head, the gate's verdict, the response or the 101 and
-/// the WebSocket connection, over plain TCP or TLS alike.
-async fn serve_http<E, S>(node: Arc<Node<E>>, mut socket: S, peer: SocketAddr, deadline: Instant)
+/// Everything after the transport, over plain TCP or TLS alike: the head, the gate's verdict,
+/// the response or the 101. An upgraded connection then moves to a task of its own, which
+/// holds only what it needs for the rest of its life: this one, with everything before,
+/// ends here, so an idle connection carries none of it.
+async fn serve_http<E, S>(
+    node: Arc<Node<E>>,
+    socket: S,
+    client: IpAddr,
+    deadline: Instant,
+    (open, pending): (Held, Held),
+) where
+    E: Executor,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if let Some(upgraded) = admit(&node, socket, client, deadline, pending).await {
+        let exec = node.exec.clone();
+        let Upgraded {
+            conn,
+            shard,
+            slot,
+            driver,
+        } = upgraded;
+        exec.spawn(Carry {
+            node,
+            conn,
+            shard,
+            slot: Some(slot),
+            driver,
+            open: Some(open),
+            events: 0,
+            sending: None,
+        });
+    }
+}
+
+/// A connection the gate upgraded: its shard knows it, its slot is held.
+struct Upgraded<S> {
+    conn: ConnKey,
+    shard: usize,
+    slot: Slot,
+    /// `None`: the 101 could not be written.
+    driver: Option<ConnDriver<S>>,
+}
+
+/// Reads the head, carries out the gate's verdict, and for an upgrade opens the connection in
+/// its shard and writes the 101.
+async fn admit<E, S>(
+    node: &Node<E>,
+    mut socket: S,
+    client: IpAddr,
+    deadline: Instant,
+    pending: Held,
+) -> Option<Upgraded<S>>
 where
     E: Executor,
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let Some(Head { head, rest }) = head(&node, &mut socket, deadline).await else {
-        return;
-    };
-    let verdict = node.handle_head(peer.ip().to_canonical(), &head);
+    let Head { head, rest } = self::head(node, &mut socket, deadline).await?;
+    drop(pending);
+    let verdict = node.handle_head(client.to_canonical(), &head);
     drop(head);
-    match verdict {
-        Verdict::Drop => {}
+    let (response, slot, open) = match verdict {
+        Verdict::Drop => return None,
         Verdict::Respond { response, slot } => {
-            let written = socket.write_all(&response.bytes).await;
-            if let Some(slot) = slot {
-                node.release(slot);
-            }
-            if written.is_ok() {
-                linger(&node, socket).await;
-            }
+            respond(node, socket, response, slot).await;
+            return None;
         }
         Verdict::Upgrade {
             response,
             slot,
             open,
-        } => {
-            let conn = ConnKey(node.next_conn.fetch_add(1, Ordering::Relaxed));
-            let shard = &node.shards[open.server_id.shard(node.shards.len())];
-            let queue = Arc::new(ConnQueue::new());
-            // The shard hears of the connection before the client can see its 101, so anything
-            // the client does after the 101 (or makes others do) reaches the shard after the
-            // claim or registration. Commands issued meanwhile wait in the queue.
-            let opened = shard.tx.send(ShardMsg::Open {
-                conn,
-                open,
-                queue: queue.clone(),
-            });
-            if opened.await.is_err() {
-                node.release(slot);
-                return;
+        } => (response, slot, open),
+    };
+    let conn = ConnKey(node.next_conn.fetch_add(1, Ordering::Relaxed));
+    let shard = open.server_id.shard(node.shards.len());
+    let queue = Arc::new(ConnQueue::for_role(&open.role));
+    // The shard hears of the connection before the client can see its 101, so anything the
+    // client does after the 101 (or makes others do) reaches the shard after the claim or
+    // registration. Commands issued meanwhile wait in the queue.
+    let opened = node.shards[shard].tx.send(ShardMsg::Open {
+        conn,
+        open,
+        queue: queue.clone(),
+    });
+    if opened.await.is_err() {
+        node.release(slot);
+        return None;
+    }
+    let max = node.config.max_message_size;
+    let driver = switch_protocols(socket, response, rest, &node.config)
+        .await
+        .map(|ws| ConnDriver::new(conn, ws, queue, max, node.asleep.clone()));
+    Some(Upgraded {
+        conn,
+        shard,
+        slot,
+        driver,
+    })
+}
+
+/// An upgraded connection's task: runs its driver until the socket is gone, then releases the
+/// connection. Written by hand rather than as an `async fn` because it is what every idle
+/// connection holds, and a generator keeps a copy of the driver per level of nesting.
+struct Carry<E: Executor, S> {
+    node: Arc<Node<E>>,
+    conn: ConnKey,
+    shard: usize,
+    /// Released once the socket is gone.
+    slot: Option<Slot>,
+    /// `None` once the socket is gone (or the 101 could not be written).
+    driver: Option<ConnDriver<S>>,
+    /// Counts the connection in `open_connections` until its socket is gone.
+    open: Option<Held>,
+    /// Events since the task last let others on its worker run.
+    events: u32,
+    /// A message waiting for room in the shard's channel, or the final `Closed`: `false` if the
+    /// shard is gone.
+    sending: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
+}
+
+impl<E: Executor, S> Carry<E, S> {
+    fn send(&mut self, msg: ShardMsg) {
+        let tx = &self.node.shards[self.shard].tx;
+        match tx.try_send(msg) {
+            Ok(()) => {}
+            // Rare, so boxed: an idle connection's task should not carry a send's size.
+            Err(TrySendError::Full(msg)) => {
+                let tx = tx.clone();
+                self.sending = Some(Box::pin(async move { tx.send(msg).await.is_ok() }));
             }
-            let ended = match switch_protocols(socket, response, rest, &node.config).await {
-                Some(ws) => pump(conn, ConnDriver::new(conn, ws, queue), &shard.tx).await,
-                None => Ended::Dropped,
-            };
-            node.release(slot);
-            let _ = shard
-                .tx
-                .send(ShardMsg::Input(Input::Closed { conn, ended }))
-                .await;
+            Err(TrySendError::Closed(_)) => self.end(Ended::Local),
         }
+    }
+
+    /// The socket is gone (dropped here): release the slots, tell the shard.
+    fn end(&mut self, ended: Ended) {
+        self.driver = None;
+        self.open = None;
+        if let Some(slot) = self.slot.take() {
+            self.node.release(slot);
+            let closed = ShardMsg::Input(Input::Closed {
+                conn: self.conn,
+                ended,
+            });
+            let tx = self.node.shards[self.shard].tx.clone();
+            self.sending = Some(Box::pin(async move { tx.send(closed).await.is_ok() }));
+        }
+    }
+}
+
+impl<E, S> Future for Carry<E, S>
+where
+    E: Executor,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.driver.is_none() && this.slot.is_some() {
+            this.end(Ended::Dropped);
+        }
+        loop {
+            if let Some(sending) = &mut this.sending {
+                let delivered = ready!(sending.as_mut().poll(cx));
+                this.sending = None;
+                if !delivered {
+                    this.end(Ended::Local);
+                }
+                continue;
+            }
+            let Some(driver) = &mut this.driver else {
+                return Poll::Ready(());
+            };
+            this.events += 1;
+            if this.events == FAIR_SHARE {
+                this.events = 0;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            match ready!(driver.poll_event(cx)) {
+                Event::Input(input) => this.send(ShardMsg::Input(input)),
+                Event::Written(count) => this.send(ShardMsg::Written {
+                    conn: this.conn,
+                    count,
+                }),
+                Event::End(ended) => {
+                    driver.close_transport_now();
+                    this.end(ended);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a non-101 response, releases its slots, and lingers (§2.1).
+async fn respond<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(
+    node: &Node<E>,
+    mut socket: S,
+    response: Response,
+    slot: Option<Slot>,
+) {
+    let written = socket.write_all(&response.bytes).await;
+    if let Some(slot) = slot {
+        node.release(slot);
+    }
+    if written.is_ok() {
+        linger(node, socket).await;
     }
 }
 
 /// Writes the 101 and starts framing; `None` if the socket failed.
-async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin>(
+async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     mut socket: S,
     response: Response,
     rest: Vec<u8>,
     config: &Config,
-) -> Option<WebSocketStream<Watched<S>>> {
+) -> Option<Box<WebSocketStream<Watched<S>>>> {
     socket.write_all(&response.bytes).await.ok()?;
     socket.flush().await.ok()?;
     drop(response);
     Some(driver::accept(socket, rest, config.max_message_size).await)
-}
-
-/// Carries one upgraded connection until its socket is gone; the socket is dropped on return.
-async fn pump<S: AsyncRead + AsyncWrite + Unpin>(
-    conn: ConnKey,
-    mut driver: ConnDriver<S>,
-    tx: &Sender<ShardMsg>,
-) -> Ended {
-    let mut events = 0;
-    loop {
-        events += 1;
-        if events == FAIR_SHARE {
-            events = 0;
-            yield_now().await;
-        }
-        match driver.next_event().await {
-            Event::Input(input) => {
-                if tx.send(ShardMsg::Input(input)).await.is_err() {
-                    return Ended::Local;
-                }
-            }
-            Event::Written(count) => {
-                if tx.send(ShardMsg::Written { conn, count }).await.is_err() {
-                    return Ended::Local;
-                }
-            }
-            Event::End(ended) => return ended,
-        }
-    }
 }
 
 /// After a response: shut down the sending side, discard input for up to a second, close
@@ -508,8 +681,7 @@ async fn linger<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(node: &Node<E>, 
     .await;
 }
 
-async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
-    let deadline = stage0_deadline::<E>(&node.config);
+async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, deadline: Instant) {
     let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
@@ -524,20 +696,36 @@ async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
 }
 
 /// The http-01 listener (§2.1): key authorizations under `/.well-known/acme-challenge/`, the
-/// 404 of §2.3 for everything else, under the main listener's head rules.
-async fn serve_acme_http<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream) {
-    let deadline = stage0_deadline::<E>(&node.config);
+/// 404 of §2.3 for everything else, under the main listener's stage-0 rules (a PROXY v2 header
+/// first with `--acme-http-proxy-protocol`, the head by `deadline`, the head size limit).
+async fn serve_acme_http<E: Executor>(
+    node: Arc<Node<E>>,
+    mut socket: E::Stream,
+    deadline: Instant,
+) {
+    let Some(acme) = node.acme_http.as_ref() else {
+        return;
+    };
+    // The header's source is not used: nothing on this listener is keyed by client address.
+    if acme.proxy_protocol
+        && stage_0(&node, deadline, read_proxy_header(&mut socket))
+            .await
+            .is_none()
+    {
+        return;
+    }
     let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
-    let answer = match (http::acme_route(&head.head), &node.acme_answers) {
-        (AcmeRoute::Drop, _) => return,
-        (AcmeRoute::Challenge { token, head_only }, Some(answers)) => answers
+    let response = match http::acme_route(&head.head) {
+        AcmeRoute::Drop => return,
+        AcmeRoute::Challenge { token, head_only } => acme
+            .answers
             .key_authorization(&token)
             .map(|key_auth| http::acme_response(&key_auth, head_only)),
-        (AcmeRoute::NotFound | AcmeRoute::Challenge { .. }, _) => None,
-    };
-    let response = answer.unwrap_or_else(|| Response::not_found().bytes.to_vec());
+        AcmeRoute::NotFound => None,
+    }
+    .unwrap_or_else(|| Response::not_found().bytes.to_vec());
     if socket.write_all(&response).await.is_ok() {
         linger(&node, socket).await;
     }

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::task::{Context, Waker};
 
 use bytes::Bytes;
-use switchyard_core::CloseCode;
+use switchyard_core::{CloseCode, Role};
 
 use crate::sync::Mutex;
 
@@ -32,13 +32,22 @@ struct State {
     cmds: VecDeque<Cmd>,
     paused: bool,
     aborted: bool,
+    /// Messages read and handed to the shard that it has not handled yet.
+    unhandled: u32,
     waker: Option<Waker>,
 }
+
+/// Messages a phone may have read that its shard has not handled yet (decision A3). With one, a
+/// pause the shard decides stops every phone after at most that one message, which is what
+/// bounds a binary outbox's peak to PROTOCOL.md §10.2's budget + phones × (limit + 384).
+pub const PHONE_READ_CREDIT: u32 = 1;
 
 /// One connection's command queue, shared by its shard (producer) and its task (consumer).
 #[derive(Debug, Default)]
 pub struct ConnQueue {
     state: Mutex<State>,
+    /// At most this many unhandled messages before reading waits; `None`: no limit.
+    read_credit: Option<u32>,
 }
 
 /// The controls the connection's task acts on at once.
@@ -46,11 +55,49 @@ pub struct ConnQueue {
 pub struct Controls {
     pub paused: bool,
     pub aborted: bool,
+    /// The read credit is used up: read nothing until the shard handles a message.
+    pub credit_exhausted: bool,
 }
 
 impl ConnQueue {
     pub fn new() -> ConnQueue {
         ConnQueue::default()
+    }
+
+    /// The queue of a connection in `role`: phones read under [`PHONE_READ_CREDIT`]; a binary's
+    /// messages go to phone outboxes, which §10.1 bounds by closing, so it reads freely.
+    pub fn for_role(role: &Role) -> ConnQueue {
+        ConnQueue {
+            read_credit: match role {
+                Role::Phone { .. } => Some(PHONE_READ_CREDIT),
+                Role::Binary { .. } => None,
+            },
+            ..ConnQueue::default()
+        }
+    }
+
+    /// The task read a message and hands it to the shard.
+    pub fn message_read(&self) {
+        if self.read_credit.is_some() {
+            self.state.lock().expect("queue lock").unhandled += 1;
+        }
+    }
+
+    /// The shard handled one message of this connection (and queued whatever it decided, a
+    /// pause included); wakes the task if it was waiting for credit.
+    pub fn message_handled(&self) {
+        let Some(credit) = self.read_credit else {
+            return;
+        };
+        let waker = {
+            let mut s = self.state.lock().expect("queue lock");
+            let was_exhausted = s.unhandled >= credit;
+            s.unhandled = s.unhandled.saturating_sub(1);
+            if was_exhausted { s.waker.take() } else { None }
+        };
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     fn update(&self, f: impl FnOnce(&mut State)) {
@@ -109,6 +156,7 @@ impl ConnQueue {
         Controls {
             paused: s.paused,
             aborted: s.aborted,
+            credit_exhausted: self.read_credit.is_some_and(|c| s.unhandled >= c),
         }
     }
 
@@ -174,7 +222,8 @@ mod tests {
             c,
             Controls {
                 paused: false,
-                aborted: false
+                aborted: false,
+                credit_exhausted: false,
             }
         );
         q.pause_reading(true);
@@ -184,5 +233,54 @@ mod tests {
         assert_eq!(count.0.load(Ordering::SeqCst), 1);
         let c = q.poll_controls(&mut Context::from_waker(&waker));
         assert!(c.paused && c.aborted);
+    }
+
+    fn counting_waker() -> (Waker, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::task::Wake;
+
+        struct Count(Arc<AtomicUsize>);
+        impl Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let n = Arc::new(AtomicUsize::new(0));
+        (Waker::from(Arc::new(Count(n.clone()))), n)
+    }
+
+    #[test]
+    fn phone_reads_one_message_ahead_of_its_shard() {
+        use std::sync::atomic::Ordering;
+        let (waker, wakes) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        let q = ConnQueue::for_role(&Role::Phone { device_name: None });
+        assert!(!q.poll_controls(&mut cx).credit_exhausted);
+        q.message_read();
+        assert!(q.poll_controls(&mut cx).credit_exhausted);
+        q.message_handled();
+        assert_eq!(
+            wakes.load(Ordering::SeqCst),
+            1,
+            "handling returns the credit"
+        );
+        assert!(!q.poll_controls(&mut cx).credit_exhausted);
+        // Handling with credit to spare wakes nobody.
+        q.message_handled();
+        assert_eq!(wakes.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn binary_reads_freely() {
+        let (waker, _) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        let q = ConnQueue::for_role(&Role::Binary {
+            version: String::new(),
+        });
+        for _ in 0..10 {
+            q.message_read();
+        }
+        assert!(!q.poll_controls(&mut cx).credit_exhausted);
     }
 }

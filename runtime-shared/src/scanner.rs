@@ -86,6 +86,12 @@ impl FrameScanner {
         self.in_message
     }
 
+    /// Every byte seen so far belongs to a complete frame, and no data message is open: a codec
+    /// that has returned every frame it read holds no bytes and no partial message.
+    pub fn at_boundary(&self) -> bool {
+        self.header_len == 0 && !self.in_payload && !self.in_message
+    }
+
     /// The code of the first complete close frame read, `Some(None)` for one without a code.
     pub fn close(&self) -> Option<Option<u16>> {
         self.close
@@ -270,6 +276,23 @@ mod tests {
         s.feed(&frame(true, OP_CONTINUATION, b"3]"));
         assert!(!s.in_message());
         assert_eq!(s.close(), None);
+    }
+
+    #[test]
+    fn boundary_only_between_whole_frames_outside_a_message() {
+        let mut s = FrameScanner::default();
+        assert!(s.at_boundary());
+        let f = frame(true, 0xA, b"pong");
+        s.feed(&f[..1]);
+        assert!(!s.at_boundary(), "partial header");
+        s.feed(&f[1..7]);
+        assert!(!s.at_boundary(), "partial payload");
+        s.feed(&f[7..]);
+        assert!(s.at_boundary());
+        s.feed(&frame(false, OP_TEXT, b"[1,"));
+        assert!(!s.at_boundary(), "message open");
+        s.feed(&frame(true, OP_CONTINUATION, b"2]"));
+        assert!(s.at_boundary());
     }
 
     #[test]

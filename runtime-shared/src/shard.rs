@@ -51,12 +51,17 @@ impl Shard {
                 self.drain();
             }
             ShardMsg::Input(input) => {
-                let closed = match input {
-                    Input::Closed { conn, .. } => Some(conn),
-                    _ => None,
+                let (closed, message) = match input {
+                    Input::Closed { conn, .. } => (Some(conn), None),
+                    Input::Message { conn, .. } => (None, Some(conn)),
+                    _ => (None, None),
                 };
                 self.relay.handle_input(now, input);
                 self.drain();
+                // After the drain, so a pause it decided is in place before reading resumes.
+                if let Some(queue) = message.and_then(|conn| self.conns.get(&conn)) {
+                    queue.message_handled();
+                }
                 if let Some(conn) = closed {
                     self.conns.remove(&conn);
                 }

@@ -377,6 +377,22 @@ impl Ws {
         self.ws.get_ref()
     }
 
+    /// After the close handshake: reads the transport to its end; `true` if it ended cleanly
+    /// (over TLS: close_notify before TCP's end).
+    pub fn transport_ends_cleanly(&mut self) -> bool {
+        let conn = self.ws.get_mut();
+        let _ = conn.tcp().set_read_timeout(Some(WAIT));
+        let mut buf = [0; 1024];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
     pub fn send(&mut self, text: &str) {
         self.send_message(Message::text(text));
     }
@@ -396,13 +412,18 @@ impl Ws {
 
     /// Sends one frame of a TEXT message; `fin` ends it.
     pub fn send_fragment(&mut self, first: bool, payload: &[u8], fin: bool) {
+        assert!(self.try_send_fragment(first, payload, fin), "send frame");
+    }
+
+    /// As [`send_fragment`](Ws::send_fragment); `false` once the connection is gone.
+    pub fn try_send_fragment(&mut self, first: bool, payload: &[u8], fin: bool) -> bool {
         let op = if first {
             OpCode::Data(Data::Text)
         } else {
             OpCode::Data(Data::Continue)
         };
         let frame = Frame::message(Bytes::copy_from_slice(payload), op, fin);
-        self.ws.send(Message::Frame(frame)).expect("send frame");
+        self.ws.send(Message::Frame(frame)).is_ok()
     }
 
     /// Sends a close frame with `code` (any value, even one not allowed on the wire).

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod doubles;
 pub mod pki;
+pub mod proxy;
 pub mod push;
 pub mod scenarios;
 pub mod tls;
@@ -31,6 +32,10 @@ pub trait RelayUnderTest {
     /// `config.push_enabled`).
     fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running;
 
+    /// As [`start`](RelayUnderTest::start), with `--proxy-protocol`: every connection to the main
+    /// listener must begin with a PROXY v2 header (§3.2).
+    fn start_proxied(config: Config) -> Running;
+
     /// As [`start`](RelayUnderTest::start), with TLS on the main listener.
     fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running;
 }
@@ -38,6 +43,8 @@ pub trait RelayUnderTest {
 /// What a scenario needs from a running node.
 pub trait Control: Send {
     fn counters(&self) -> Counters;
+    /// Upgraded connections whose codec is asleep.
+    fn quiet_connections(&self) -> usize;
     fn rebalance(&self);
     fn start_draining(&self);
     fn shutdown(&self);
@@ -67,6 +74,10 @@ impl Running {
 
     pub fn counters(&self) -> Counters {
         self.control().counters()
+    }
+
+    pub fn quiet_connections(&self) -> usize {
+        self.control().quiet_connections()
     }
 
     pub fn rebalance(&self) {
@@ -132,27 +143,38 @@ pub mod runtimes {
 
     impl RelayUnderTest for Tokio {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, None, switchyard_tokio::start)
+            start(config, push, false, None, switchyard_tokio::start)
+        }
+
+        fn start_proxied(config: Config) -> Running {
+            start(config, None, true, None, switchyard_tokio::start)
         }
 
         fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
-            start(config, None, Some(tls), switchyard_tokio::start)
+            start(config, None, false, Some(tls), switchyard_tokio::start)
         }
     }
 
     impl RelayUnderTest for Smol {
         fn start_with_push(config: Config, push: Option<Arc<dyn PushSink>>) -> Running {
-            start(config, push, None, switchyard_smol::start)
+            start(config, push, false, None, switchyard_smol::start)
+        }
+
+        fn start_proxied(config: Config) -> Running {
+            start(config, None, true, None, switchyard_smol::start)
         }
 
         fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
-            start(config, None, Some(tls), switchyard_smol::start)
+            start(config, None, false, Some(tls), switchyard_smol::start)
         }
     }
 
     impl<E: Executor> Control for Handle<E> {
         fn counters(&self) -> Counters {
             Handle::counters(self)
+        }
+        fn quiet_connections(&self) -> usize {
+            Handle::quiet_connections(self)
         }
         fn rebalance(&self) {
             Handle::rebalance(self);
@@ -171,6 +193,7 @@ pub mod runtimes {
     fn start<E: Executor>(
         config: Config,
         push: Option<Arc<dyn PushSink>>,
+        proxy_protocol: bool,
         tls: Option<Arc<ServerConfig>>,
         start: fn(Options) -> std::io::Result<Handle<E>>,
     ) -> Running {
@@ -186,6 +209,7 @@ pub mod runtimes {
             seed: Some([42; 32]),
             render_metrics: Arc::new(move |c| switchyard::render(c, &opts)),
             push,
+            proxy_protocol,
             tls,
             acme_http: None,
         })
@@ -212,6 +236,13 @@ macro_rules! suite {
             push_in_flight_cap_drops_excess,
             push_logs_fingerprint_never_token,
         );
+        $crate::suite!(@each $rt; proxy;
+            item_24_source_keys_bucket_and_ip_cap,
+            item_24_refused_headers_close_silently,
+            item_24_header_and_head_share_one_deadline,
+            item_24_forwarded_for_over_proxy_source,
+            item_24_healthz_through_proxy_metrics_without,
+        );
         $crate::suite!(@each $rt; tls;
             tls_healthz_and_404,
             tls_binary_and_phone_exchange,
@@ -223,6 +254,7 @@ macro_rules! suite {
             tls_acme_alpn_closes_after_handshake,
             tls_untrusted_client_fails_others_served,
             tls_rotation_serves_new_pair_keeps_connections,
+            tls_shutdown_drops_pending_handshakes,
         );
         $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,
@@ -237,6 +269,7 @@ macro_rules! suite {
             item_11_head_size_limit,
             item_12_oversized_head_with_empty_bucket,
             item_13_head_timeout_closes_silently,
+            item_13_slowloris_does_not_stop_new_clients,
             item_14_binary_required_headers,
             item_15_phone_required_headers,
             item_16_v2_aliases,
@@ -280,6 +313,7 @@ macro_rules! suite {
             item_55_read_timeout,
             item_56_ping_answered,
             item_57_phone_stops_reading,
+            item_57_phone_write_timeout,
             item_58_burst_to_one_phone,
             item_59_binary_stalls_briefly,
             item_60_binary_never_resumes,
@@ -291,6 +325,7 @@ macro_rules! suite {
             item_73_rebalance,
             item_79_bad_peer_close_codes,
             fragmented_message_is_reassembled,
+            quiet_connections_sleep_and_wake,
             close_code_1014_notice,
         );
     };

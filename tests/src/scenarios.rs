@@ -1,6 +1,7 @@
 //! The scenarios, one function per checklist item of PROTOCOL.md §18 (named `item_N_…`), each
 //! generic over the runtime under test.
 
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -11,8 +12,8 @@ use switchyard_core::{
 };
 
 use crate::client::{
-    Dialed, Http, Msg, Tcp, Ws, binary, binary_headers, dial, dial_raw, eventually, get, headers,
-    http, phone, phone_headers, raw, raw_with, upgrade_request,
+    Dialed, Http, Msg, Tcp, WAIT, Ws, binary, binary_headers, dial, dial_raw, eventually, get,
+    headers, http, phone, phone_headers, raw, raw_with, upgrade_request,
 };
 use crate::{RelayUnderTest, Running, test_config};
 
@@ -66,6 +67,15 @@ fn pair(addr: SocketAddr, sid: &str) -> (Ws, Ws, String) {
 
 fn counted(relay: &Running, what: &str, check: impl Fn(&Counters) -> bool) {
     eventually(what, || check(&relay.counters()));
+}
+
+/// Memory of a limit is bounded: once the rejected or closed connections are gone, the relay
+/// holds exactly `open` TCP connections and no half-read head.
+fn settles_at(relay: &Running, open: u64) {
+    eventually(&format!("{open} open connections, no pending head"), || {
+        let c = relay.counters();
+        c.open_connections == open && c.pending_heads == 0
+    });
 }
 
 /// A request with exactly these header lines.
@@ -290,6 +300,10 @@ pub fn item_6_rate_limit_21st_attempt<R: RelayUnderTest>() {
         c.upgrades(Endpoint::Client, UpgradeOutcome::RejectRateLimit),
         1
     );
+    // Rejected attempts hold nothing once answered: only the other address's binary is left.
+    settles_at(&relay, 1);
+    drop(other);
+    settles_at(&relay, 0);
 }
 
 pub fn item_7_refill_admits_again<R: RelayUnderTest>() {
@@ -323,6 +337,8 @@ pub fn item_9_per_ip_cap<R: RelayUnderTest>() {
     );
     assert_eq!(other.status(), Some(101));
     assert_eq!(relay.counters().rejected(RejectReason::IpCap), 2);
+    // The rejected dials hold nothing: three WebSockets, nothing else.
+    settles_at(&relay, 3);
     // A closed connection frees its slot.
     first.close(Some(1000));
     first.wait_gone();
@@ -343,6 +359,7 @@ pub fn item_10_global_cap<R: RelayUnderTest>() {
     assert_eq!(status_body(&p), (503, "\n"));
     assert_eq!(get(relay.addr, "/healthz").status, 200);
     assert_eq!(relay.counters().rejected(RejectReason::GlobalCap), 2);
+    settles_at(&relay, 1);
     b.close(Some(1000));
     b.wait_gone();
     // No binary: a phone gets 4404, and its end frees the slot for the next dial.
@@ -379,6 +396,7 @@ pub fn item_11_head_size_limit<R: RelayUnderTest>() {
         status_body(&big),
         (431, "431 Request Header Fields Too Large")
     );
+    settles_at(&relay, 0);
 }
 
 pub fn item_12_oversized_head_with_empty_bucket<R: RelayUnderTest>() {
@@ -406,6 +424,104 @@ pub fn item_13_head_timeout_closes_silently<R: RelayUnderTest>() {
     );
     let bytes = raw(relay.addr, b"");
     assert!(bytes.is_empty());
+    settles_at(&relay, 0);
+}
+
+/// Soft limit on open files of this process (`/proc/self/limits`); `None` if unknown.
+fn open_files_limit() -> Option<usize> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    match line.split_whitespace().nth(3)? {
+        "unlimited" => Some(usize::MAX),
+        n => n.parse().ok(),
+    }
+}
+
+/// Slowloris: thousands of connections each send part of a head and stall. A new binary and
+/// phone are admitted and exchange frames while every one of them is still held; at the header
+/// timeout each is closed with zero bytes written, and the relay holds nothing of them.
+pub fn item_13_slowloris_does_not_stop_new_clients<R: RelayUnderTest>() {
+    // Both ends of each connection live in this process: two descriptors apiece, and a margin
+    // for the scenario running in parallel. 2,000 where the limit allows (CI's does).
+    let stalled_count = open_files_limit()
+        .map_or(2000, |n| n.saturating_sub(600) / 2)
+        .min(2000);
+    assert!(
+        stalled_count >= 500,
+        "raise the open-files limit (ulimit -n) to at least 1600 for this scenario"
+    );
+    let timeout = Duration::from_secs(3);
+    let relay = start::<R>(|c| c.header_timeout = timeout);
+    let partial = b"GET /v1/client HTTP/1.1\r\nHost: relay\r\nx-pyrycode-server: i13\r\nX-Pad: aa";
+    let t = Instant::now();
+    let mut stalled = Vec::with_capacity(stalled_count);
+    for i in 0..stalled_count {
+        // Eight source addresses: per-address caps do not count connections that have not
+        // sent a head, so spreading them changes nothing for the relay, only the port space.
+        let mut s = Tcp::from([127, 0, 0, 10 + (i % 8) as u8])
+            .connect(relay.addr)
+            .expect("connect a stalled client");
+        // Some send nothing at all, the rest part of a head.
+        if i % 4 != 0 {
+            s.write_all(&partial[..partial.len() * (i % 4) / 4])
+                .expect("partial head");
+        }
+        stalled.push(s);
+        // Keep within the listen backlog: a full one drops SYNs, which are retried a second
+        // later, and opening would outlast the header timeout.
+        if i % 64 == 63 {
+            counted(&relay, "stalled heads accepted", |c| {
+                c.pending_heads + 64 > i as u64
+            });
+        }
+    }
+    let opened = t.elapsed();
+    assert!(
+        opened < timeout / 2,
+        "opening {stalled_count} connections took {opened:?}; the relay or the machine is too slow"
+    );
+    counted(&relay, "every stalled head pending", |c| {
+        c.pending_heads == stalled_count as u64
+    });
+    // A new pair is served while all of them are held.
+    let (mut b, mut p, id) = pair(relay.addr, "i13");
+    b.send(&envelope(&id, "[13]"));
+    assert_eq!(p.text(), "[13]");
+    let c = relay.counters();
+    assert_eq!(
+        (c.pending_heads, c.open_connections),
+        (stalled_count as u64, stalled_count as u64 + 2),
+        "the pair was served while every stalled head was still held"
+    );
+    assert!(
+        t.elapsed() < timeout,
+        "the pair was not served within the header timeout"
+    );
+    // At the header timeout, each is closed having been written nothing.
+    for (i, s) in stalled.iter_mut().enumerate() {
+        s.set_read_timeout(Some(timeout + WAIT))
+            .expect("read timeout");
+        let mut buf = [0u8; 64];
+        match s.read(&mut buf) {
+            Ok(0) => {}
+            Ok(n) => panic!("stalled connection {i} was written {:?}", &buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("stalled connection {i} not closed: {e}"),
+        }
+        if i == 0 {
+            assert!(
+                t.elapsed() >= timeout - ms(50),
+                "closed early: {:?}",
+                t.elapsed()
+            );
+        }
+    }
+    drop(stalled);
+    settles_at(&relay, 2);
+    assert_eq!(c.connections_rejected.iter().sum::<u64>(), 0);
+    // The pair is still served.
+    p.send("[14]");
+    assert_eq!(b.text(), envelope(&id, "[14]"));
 }
 
 pub fn item_14_binary_required_headers<R: RelayUnderTest>() {
@@ -1014,6 +1130,7 @@ fn json_of_len(len: usize) -> String {
 pub fn item_47_phone_message_limit<R: RelayUnderTest>() {
     let relay = start::<R>(|_| {});
     let (mut b, mut p, id) = pair(relay.addr, "i47");
+    let (mut other_b, mut other_p, other_id) = pair(relay.addr, "i47-other");
     let max = Config::default().max_message_size;
     let fits = json_of_len(max);
     p.send(&fits);
@@ -1021,17 +1138,32 @@ pub fn item_47_phone_message_limit<R: RelayUnderTest>() {
     p.send(&json_of_len(max + 1));
     assert_eq!(p.expect_close(), (1009, "message too big".to_owned()));
     assert_eq!(b.text(), notice(&id, 1009));
+    // Another pair is unaffected, and the oversized phone is gone.
+    other_p.send("[47]");
+    assert_eq!(other_b.text(), envelope(&other_id, "[47]"));
+    other_b.send(&envelope(&other_id, "[48]"));
+    assert_eq!(other_p.text(), "[48]");
+    p.wait_gone();
+    settles_at(&relay, 3);
+    counted(&relay, "oversized phone unregistered", |c| {
+        c.connected_phones == 1
+    });
 }
 
 pub fn item_48_binary_message_too_big<R: RelayUnderTest>() {
     let relay = start::<R>(|_| {});
     let (mut b, mut p, _) = pair(relay.addr, "i48");
+    let (mut other_b, mut other_p, other_id) = pair(relay.addr, "i48-other");
     b.send(&json_of_len(Config::default().max_message_size + 1));
     assert_eq!(b.expect_close(), (1009, "message too big".to_owned()));
     counted(&relay, "grace", |c| {
-        c.connected_binaries == 0 && c.connected_phones == 1
+        c.connected_binaries == 1 && c.connected_phones == 2
     });
     p.silent(ms(100));
+    other_b.send(&envelope(&other_id, "[48]"));
+    assert_eq!(other_p.text(), "[48]");
+    other_p.send("[49]");
+    assert_eq!(other_b.text(), envelope(&other_id, "[49]"));
 }
 
 pub fn item_49_phone_close_notice<R: RelayUnderTest>() {
@@ -1130,6 +1262,56 @@ pub fn item_54_pongs_keep_alive<R: RelayUnderTest>() {
     assert_eq!((c.connected_binaries, c.connected_phones), (1, 1));
 }
 
+/// Reads (answering pings) on every client until the relay reports `n` quiet connections.
+fn until_quiet(relay: &Running, n: usize, clients: &mut [&mut Ws]) {
+    let deadline = Instant::now() + crate::client::WAIT;
+    while relay.quiet_connections() != n {
+        assert!(Instant::now() < deadline, "not {n} quiet connections");
+        for c in clients.iter_mut() {
+            c.silent(ms(20));
+        }
+    }
+}
+
+/// Quiet connections drop their codec (PERFORMANCE.md, idle memory); whatever arrives next,
+/// from either side, wakes it with nothing lost.
+pub fn quiet_connections_sleep_and_wake<R: RelayUnderTest>() {
+    let relay = start::<R>(|c| {
+        c.ping_interval = ms(100);
+        c.pong_timeout = ms(3000);
+    });
+    let (mut b, mut p, id) = pair(relay.addr, "quiet");
+    let (mut p2, id2) = known_phone(relay.addr, "quiet", &mut b);
+    until_quiet(&relay, 3, &mut [&mut b, &mut p, &mut p2]);
+    // A phone's frame wakes its reader, the envelope wakes the binary's writer.
+    p.send("[1]");
+    assert_eq!(b.text(), envelope(&id, "[1]"));
+    b.send(&envelope(&id2, "[2]"));
+    assert_eq!(p2.text(), "[2]");
+    // Data keeps a connection awake until a whole heartbeat period passes without any.
+    until_quiet(&relay, 3, &mut [&mut b, &mut p, &mut p2]);
+    // A message in fragments, the first byte waking the codec.
+    p.send_fragment(true, b"[3,", false);
+    p.send_fragment(false, b"4]", true);
+    assert_eq!(b.text(), envelope(&id, "[3,4]"));
+    until_quiet(&relay, 3, &mut [&mut b, &mut p, &mut p2]);
+    // A close frame, and an abrupt end, reach a sleeping connection.
+    assert_eq!(p2.close(Some(4000)).map(|c| c.0), Some(4000));
+    assert_eq!(b.text(), notice(&id2, 4000));
+    until_quiet(&relay, 2, &mut [&mut b, &mut p]);
+    p.reset();
+    assert_eq!(b.text(), notice(&id, 1001));
+    eventually(
+        "no connection counted quiet after the last one ends",
+        || {
+            drop(b.recv_within(ms(10)));
+            relay.quiet_connections() <= 1
+        },
+    );
+    let c = relay.counters();
+    assert_eq!((c.connected_binaries, c.connected_phones), (1, 0));
+}
+
 pub fn item_55_read_timeout<R: RelayUnderTest>() {
     let timeout = ms(300);
     let relay = start::<R>(|c| c.read_timeout = timeout);
@@ -1144,6 +1326,45 @@ pub fn item_55_read_timeout<R: RelayUnderTest>() {
     thread::sleep(timeout + ms(200));
     idle.send("[2]");
     assert_eq!(b.text(), envelope(&idle_id, "[2]"));
+
+    // The deadline is per message, not per byte: a message that keeps trickling in, a fragment
+    // every sixth of the deadline, is closed all the same; the idle phone is served meanwhile.
+    let mut trickler = phone(relay.addr, "i55");
+    trickler.send("[3]");
+    let trickler_id = conn_id(&b.text());
+    let t = Instant::now();
+    assert!(trickler.try_send_fragment(true, b"[", false));
+    idle.send("[4]");
+    assert_eq!(b.text(), envelope(&idle_id, "[4]"));
+    let mut fragments = 1;
+    let close = loop {
+        if let Some(m) = trickler.recv_within(timeout / 6) {
+            break m;
+        }
+        assert!(
+            t.elapsed() < timeout * 10,
+            "still open after {:?}",
+            t.elapsed()
+        );
+        if trickler.try_send_fragment(false, b"1,", false) {
+            fragments += 1;
+        }
+    };
+    assert_eq!(close, Msg::Close(Some((1008, "read timeout".to_owned()))));
+    assert!(
+        t.elapsed() >= timeout - ms(50),
+        "closed early: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        fragments >= 3,
+        "only {fragments} fragments before the close"
+    );
+    assert_eq!(b.text(), notice(&trickler_id, 1008));
+    trickler.wait_gone();
+    // Nothing of the unfinished messages is kept: the binary and the idle phone are left.
+    settles_at(&relay, 2);
+    counted(&relay, "two phones gone", |c| c.connected_phones == 1);
 }
 
 pub fn item_56_ping_answered<R: RelayUnderTest>() {
@@ -1172,9 +1393,13 @@ fn stalled(addr: SocketAddr, path: &str, headers: &[(String, String)]) -> Ws {
 }
 
 pub fn item_57_phone_stops_reading<R: RelayUnderTest>() {
+    let budget = 256 * 1024;
     let relay = start::<R>(|c| {
-        c.phone_outbox_bytes = 256 * 1024;
-        c.write_timeout = ms(1000);
+        c.phone_outbox_bytes = budget;
+        // Longer than the flood takes: the outbox overflows before any write times out, so the
+        // close is §10.1's, not §9's.
+        c.write_timeout = Duration::from_secs(20);
+        c.close_timeout = Duration::from_secs(3);
     });
     let (mut b, mut sibling, sibling_id) = pair(relay.addr, "i57");
     let mut slow = stalled(relay.addr, "/v1/client", &phone_headers("i57"));
@@ -1184,11 +1409,20 @@ pub fn item_57_phone_stops_reading<R: RelayUnderTest>() {
     let frame = format!(r#"{{"pad":"{pad}"}}"#);
     let notice_text = notice(&slow_id, 1011);
     // Send until the relay gives up on the phone: its socket buffers fill first (their size is
-    // the kernel's), then the outbox overflows or the write times out.
+    // the kernel's), then the outbox overflows. The sibling gets a numbered frame now and then.
     let mut got_notice = false;
-    for i in 0..4000 {
+    let mut to_sibling = 0;
+    for i in 0..8000 {
         b.send(&envelope(&slow_id, &frame));
         if i % 16 == 0 {
+            b.send(&envelope(&sibling_id, &format!("[{to_sibling}]")));
+            to_sibling += 1;
+            let c = relay.counters();
+            assert!(
+                c.phone_outbox_bytes <= budget as u64,
+                "phone outboxes hold {} bytes, over the {budget}-byte budget",
+                c.phone_outbox_bytes
+            );
             if let Some(m) = b.recv_within(ms(1)) {
                 assert_eq!(m, Msg::Text(notice_text.clone()));
                 got_notice = true;
@@ -1199,12 +1433,81 @@ pub fn item_57_phone_stops_reading<R: RelayUnderTest>() {
     if !got_notice {
         assert_eq!(b.text(), notice_text);
     }
-    // The binary and the sibling are unaffected.
+    // Everything queued for it was dropped for the backlog; the phone gets §10.1's close after
+    // what its socket already held.
+    counted(&relay, "backlog dropped", |c| {
+        c.dropped(DropReason::PhoneBacklogFull) > 0
+    });
+    loop {
+        match slow.recv() {
+            Msg::Text(_) => {}
+            Msg::Close(c) => {
+                assert_eq!(c, Some((1011, "phone backlog full".to_owned())));
+                break;
+            }
+            other => panic!("expected the backlog close, got {other:?}"),
+        }
+    }
+    // The sibling got every frame, in order, and the binary is unaffected.
+    for n in 0..to_sibling {
+        assert_eq!(sibling.text(), format!("[{n}]"));
+    }
     b.send(&envelope(&sibling_id, "[57]"));
     assert_eq!(sibling.text(), "[57]");
     sibling.send("[58]");
     assert_eq!(b.text(), envelope(&sibling_id, "[58]"));
     counted(&relay, "slow phone gone", |c| c.connected_phones == 1);
+    // Memory is released: nothing charged, the slow phone's connection closed.
+    counted(&relay, "outboxes empty", |c| {
+        c.phone_outbox_bytes == 0 && c.binary_outbox_bytes == 0
+    });
+    settles_at(&relay, 2);
+}
+
+/// The other way item 57 ends (§9): a phone whose socket stays full for the write timeout, while
+/// its outbox is still under budget, is dropped at once (decision C8): notice 1011, no close
+/// frame, its queued frames counted `phone_gone`.
+pub fn item_57_phone_write_timeout<R: RelayUnderTest>() {
+    let budget = Config::default().phone_outbox_bytes as u64;
+    let relay = start::<R>(|c| c.write_timeout = ms(500));
+    let (mut b, mut sibling, sibling_id) = pair(relay.addr, "i57w");
+    let mut slow = stalled(relay.addr, "/v1/client", &phone_headers("i57w"));
+    slow.send("{}");
+    let slow_id = conn_id(&b.text());
+    let frame = format!(r#"{{"pad":"{}"}}"#, "x".repeat(4000));
+    let notice_text = notice(&slow_id, 1011);
+    // About 4 KB a millisecond: the kernel's buffers fill within a second or two, and the
+    // write timeout then fires long before the 4 MiB budget could.
+    let t = Instant::now();
+    loop {
+        b.send(&envelope(&slow_id, &frame));
+        let c = relay.counters();
+        assert!(c.phone_outbox_bytes <= budget, "{c:?}");
+        if let Some(m) = b.recv_within(ms(1)) {
+            assert_eq!(m, Msg::Text(notice_text.clone()));
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no notice");
+    }
+    // Dropped, not closed: whatever its socket held, then the end, never a close frame.
+    loop {
+        match slow.recv() {
+            Msg::Text(_) => {}
+            Msg::Gone => break,
+            other => panic!("expected the connection to be dropped, got {other:?}"),
+        }
+    }
+    counted(&relay, "queued frames dropped as phone_gone", |c| {
+        c.dropped(DropReason::PhoneGone) > 0 && c.connected_phones == 1
+    });
+    let c = relay.counters();
+    assert_eq!(c.dropped(DropReason::PhoneBacklogFull), 0, "{c:?}");
+    b.send(&envelope(&sibling_id, "[57]"));
+    assert_eq!(sibling.text(), "[57]");
+    sibling.send("[58]");
+    assert_eq!(b.text(), envelope(&sibling_id, "[58]"));
+    counted(&relay, "outboxes empty", |c| c.phone_outbox_bytes == 0);
+    settles_at(&relay, 2);
 }
 
 pub fn item_58_burst_to_one_phone<R: RelayUnderTest>() {
@@ -1241,16 +1544,42 @@ pub fn item_59_binary_stalls_briefly<R: RelayUnderTest>() {
         c.write_timeout = Duration::from_secs(3);
     });
     let mut b = stalled(relay.addr, "/v1/server", &binary_headers("i59"));
+    // A third phone that only listens: binary → phone keeps flowing while phones are paused.
+    let (mut listener, listener_id) = known_phone(relay.addr, "i59", &mut b);
     let phones: Vec<Ws> = (0..2).map(|_| phone(relay.addr, "i59")).collect();
-    counted(&relay, "phones", |c| c.connected_phones == 2);
-    let count = 150;
+    counted(&relay, "phones", |c| c.connected_phones == 3);
+    // Well past what the kernel buffers towards the binary absorb (4 MiB on Linux by default),
+    // so the outbox fills and the phones are paused.
+    let count = 2000;
+    let size = 2000;
     let senders: Vec<_> = phones
         .into_iter()
         .enumerate()
-        .map(|(tag, p)| send_in_background(p, tag, count, 2000))
+        .map(|(tag, p)| send_in_background(p, tag, count, size))
         .collect();
     // Stop reading for well under the write timeout; the outbox fills and the phones pause.
-    thread::sleep(ms(700));
+    // §10.2's peak: the budget plus one message per phone read before the pause took hold
+    // (the limit there is the largest message these phones send), each as envelope + charge.
+    let largest = format!(r#"{{"t":1,"i":{},"p":""}}"#, count - 1).len() + size;
+    let peak_bound = 64 * 1024 + 3 * (largest + 384);
+    let mut peak = 0;
+    let stall = Instant::now();
+    while stall.elapsed() < ms(700) {
+        let c = relay.counters();
+        assert!(
+            c.binary_outbox_bytes <= peak_bound as u64,
+            "binary outbox holds {} bytes, over §10.2's bound {peak_bound}",
+            c.binary_outbox_bytes
+        );
+        peak = peak.max(c.binary_outbox_bytes);
+        thread::sleep(ms(10));
+    }
+    assert!(
+        peak > 64 * 1024,
+        "the outbox never went over its budget (peak {peak}): the phones were never paused"
+    );
+    b.send(&envelope(&listener_id, "[59]"));
+    assert_eq!(listener.text(), "[59]");
     let mut next = [0usize; 2];
     for _ in 0..2 * count {
         let env = b.text();
@@ -1269,6 +1598,9 @@ pub fn item_59_binary_stalls_briefly<R: RelayUnderTest>() {
     let c = relay.counters();
     assert_eq!(c.frames_dropped.iter().sum::<u64>(), 0, "{c:?}");
     assert_eq!(c.connected_binaries, 1);
+    counted(&relay, "binary outbox drained", |c| {
+        c.binary_outbox_bytes == 0
+    });
 }
 
 pub fn item_60_binary_never_resumes<R: RelayUnderTest>() {
@@ -1279,17 +1611,27 @@ pub fn item_60_binary_never_resumes<R: RelayUnderTest>() {
     });
     let _b = stalled(relay.addr, "/v1/server", &binary_headers("i60"));
     let p = phone(relay.addr, "i60");
-    counted(&relay, "phone", |c| c.connected_phones == 1);
+    let (mut other_b, mut other_p, other_id) = pair(relay.addr, "i60-other");
+    counted(&relay, "phones", |c| c.connected_phones == 2);
     let t = Instant::now();
     // Enough to fill the relay's socket buffers towards the binary; the phone is paused (and
     // blocks) long before the end.
     let sender = send_in_background(p, 0, 5000, 4000);
-    counted(&relay, "binary gone", |c| c.connected_binaries == 0);
+    counted(&relay, "binary gone", |c| c.connected_binaries == 1);
     assert!(
         t.elapsed() < Duration::from_secs(4),
         "took {:?}",
         t.elapsed()
     );
+    // Its queue is dropped with it: nothing stays charged.
+    counted(&relay, "binary outbox released", |c| {
+        c.binary_outbox_bytes == 0
+    });
+    // Another pair is unaffected.
+    other_p.send("[60]");
+    assert_eq!(other_b.text(), envelope(&other_id, "[60]"));
+    other_b.send(&envelope(&other_id, "[61]"));
+    assert_eq!(other_p.text(), "[61]");
     // The id is in grace: the phone stays registered until its next frame.
     let mut p = sender.join().expect("sender");
     let c = relay.counters();
@@ -1297,7 +1639,7 @@ pub fn item_60_binary_never_resumes<R: RelayUnderTest>() {
         c.dropped(DropReason::BinaryGone) > 0 || c.dropped(DropReason::NoBinary) > 0,
         "{c:?}"
     );
-    if c.connected_phones == 1 {
+    if c.connected_phones == 2 {
         p.send("{}");
     }
     loop {
@@ -1325,6 +1667,8 @@ pub fn item_67_metrics_before_traffic<R: RelayUnderTest>() {
         "pyrycode_relay_grace_expiries_total 0".to_owned(),
         "pyrycode_relay_phone_outbox_bytes 0".to_owned(),
         "pyrycode_relay_binary_outbox_bytes 0".to_owned(),
+        "pyrycode_relay_open_connections 0".to_owned(),
+        "pyrycode_relay_pending_heads 0".to_owned(),
     ];
     for d in Direction::ALL {
         expected.push(format!(
