@@ -223,7 +223,7 @@ impl Http01Answers for Answers {
 }
 
 /// ACME state built and ready, not yet running: what the node needs from it, then
-/// [`Prepared::run`].
+/// [`AcmeParts::run`].
 pub struct AcmeParts {
     /// The main listener's TLS: certificates from the ACME state, ALPN `http/1.1` and
     /// `acme-tls/1`.
