@@ -45,21 +45,6 @@ pub fn websocket_config(max_message_size: usize) -> WebSocketConfig {
         .accept_unmasked_frames(false)
 }
 
-/// Wraps an upgraded socket (the 101 already written) in the server side of the codec. `rest`
-/// holds bytes read after the request head.
-pub async fn accept<S>(
-    socket: S,
-    rest: Vec<u8>,
-    max_message_size: usize,
-) -> Box<WebSocketStream<Watched<S>>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut watched = Watched::new(socket);
-    watched.observe(&rest);
-    codec(watched, rest, max_message_size).await
-}
-
 /// A codec over `socket` that starts with `read`, bytes already taken from it (and observed).
 async fn codec<S>(
     socket: Watched<S>,
@@ -153,7 +138,8 @@ struct State {
     discard: Vec<u8>,
     /// A data message went either way since the last heartbeat ping.
     active: bool,
-    /// A whole heartbeat period passed without a data message: sleep whenever possible.
+    /// No data message went either way since the connection opened, or during a whole
+    /// heartbeat period: sleep whenever possible.
     quiet: bool,
 }
 
@@ -161,15 +147,27 @@ impl<S> ConnDriver<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    /// Takes over an upgraded socket (the 101 already written); `rest` holds bytes read after
+    /// the request head. A connection that has sent nothing more starts with its codec asleep:
+    /// one that connects and waits costs no buffer at all.
     pub fn new(
         conn: ConnKey,
-        ws: Box<WebSocketStream<Watched<S>>>,
+        socket: S,
+        rest: Vec<u8>,
         queue: Arc<ConnQueue>,
         max_message_size: usize,
         asleep: Arc<AtomicUsize>,
     ) -> Self {
+        let mut socket = Watched::new(socket);
+        socket.observe(&rest);
+        let codec = if rest.is_empty() {
+            asleep.fetch_add(1, Ordering::Relaxed);
+            Codec::Asleep(socket)
+        } else {
+            Codec::Waking(Box::pin(codec(socket, rest, max_message_size)))
+        };
         ConnDriver {
-            codec: Codec::Awake(ws),
+            codec,
             max_message_size,
             asleep,
             state: State {
@@ -185,7 +183,7 @@ where
                 write_first: false,
                 discard: Vec::new(),
                 active: false,
-                quiet: false,
+                quiet: true,
             },
         }
     }
@@ -232,6 +230,7 @@ where
                     if let Codec::Awake(ws) = std::mem::replace(&mut self.codec, Codec::Moving) {
                         self.codec = Codec::Asleep(ws.into_inner());
                         self.asleep.fetch_add(1, Ordering::Relaxed);
+                        self.state.queue.release_buffer();
                     }
                 }
                 Codec::Asleep(socket) => {

@@ -9,7 +9,6 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use async_channel::{Sender, TrySendError};
-use async_tungstenite::WebSocketStream;
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -17,7 +16,7 @@ use switchyard_core::{
     Config, ConnKey, Counters, Ended, Gate, Input, Load, Response, Slot, Verdict,
 };
 
-use crate::driver::{self, ConnDriver, Event};
+use crate::driver::{ConnDriver, Event};
 use crate::future::{deadline_after, race, sleep, timeout, timeout_at};
 use crate::gate::SharedGate;
 use crate::gauges::{Gauges, Held};
@@ -26,7 +25,6 @@ use crate::http::{self, AcmeRoute, MetricsRoute};
 use crate::proxy::read_proxy_header;
 use crate::published::Published;
 use crate::queue::ConnQueue;
-use crate::scanner::Watched;
 use crate::shard::{self, ShardMsg};
 use crate::signal::{self, Alive, Done, Flag};
 use crate::tls::{self, Negotiated};
@@ -523,9 +521,9 @@ where
         return None;
     }
     let max = node.config.max_message_size;
-    let driver = switch_protocols(socket, response, rest, &node.config)
+    let driver = switch_protocols(socket, response)
         .await
-        .map(|ws| ConnDriver::new(conn, ws, queue, max, node.asleep.clone()));
+        .map(|socket| ConnDriver::new(conn, socket, rest, queue, max, node.asleep.clone()));
     Some(Upgraded {
         conn,
         shard,
@@ -646,16 +644,10 @@ async fn respond<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// Writes the 101 and starts framing; `None` if the socket failed.
-async fn switch_protocols<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
-    mut socket: S,
-    response: Response,
-    rest: Vec<u8>,
-    config: &Config,
-) -> Option<Box<WebSocketStream<Watched<S>>>> {
+async fn switch_protocols<S: AsyncWrite + Unpin>(mut socket: S, response: Response) -> Option<S> {
     socket.write_all(&response.bytes).await.ok()?;
     socket.flush().await.ok()?;
-    drop(response);
-    Some(driver::accept(socket, rest, config.max_message_size).await)
+    Some(socket)
 }
 
 /// After a response: shut down the sending side, discard input for up to a second, close

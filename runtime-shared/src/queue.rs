@@ -165,6 +165,14 @@ impl ConnQueue {
         !self.state.lock().expect("queue lock").cmds.is_empty()
     }
 
+    /// Frees the command buffer if it is empty: a quiet connection keeps none.
+    pub fn release_buffer(&self) {
+        let mut s = self.state.lock().expect("queue lock");
+        if s.cmds.is_empty() {
+            s.cmds = VecDeque::new();
+        }
+    }
+
     /// Takes the oldest command.
     pub fn pop(&self) -> Option<Cmd> {
         self.state.lock().expect("queue lock").cmds.pop_front()

@@ -318,7 +318,18 @@ impl Write for Conn {
 /// Connects and completes a TLS handshake for [`pki::SERVER_NAME`](crate::pki::SERVER_NAME).
 /// `Err`: the handshake failed (the relay refused it or closed).
 pub fn tls_connect(addr: SocketAddr, config: Arc<ClientConfig>) -> std::io::Result<Conn> {
-    let tcp = Tcp::default().connect(addr)?;
+    tls_connect_after(addr, config, &[])
+}
+
+/// A TLS connection whose TCP stream begins with `preamble` (a PROXY header) before the
+/// ClientHello.
+pub fn tls_connect_after(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    preamble: &[u8],
+) -> std::io::Result<Conn> {
+    let mut tcp = Tcp::default().connect(addr)?;
+    tcp.write_all(preamble)?;
     let name = ServerName::try_from(crate::pki::SERVER_NAME).expect("server name");
     let session = ClientConnection::new(config, name).map_err(std::io::Error::other)?;
     let mut stream = StreamOwned::new(session, tcp);

@@ -38,6 +38,9 @@ pub trait RelayUnderTest {
 
     /// As [`start`](RelayUnderTest::start), with TLS on the main listener.
     fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running;
+
+    /// With both: a PROXY v2 header, then the TLS handshake.
+    fn start_proxied_tls(config: Config, tls: Arc<ServerConfig>) -> Running;
 }
 
 /// What a scenario needs from a running node.
@@ -153,6 +156,10 @@ pub mod runtimes {
         fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
             start(config, None, false, Some(tls), switchyard_tokio::start)
         }
+
+        fn start_proxied_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
+            start(config, None, true, Some(tls), switchyard_tokio::start)
+        }
     }
 
     impl RelayUnderTest for Smol {
@@ -166,6 +173,10 @@ pub mod runtimes {
 
         fn start_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
             start(config, None, false, Some(tls), switchyard_smol::start)
+        }
+
+        fn start_proxied_tls(config: Config, tls: Arc<ServerConfig>) -> Running {
+            start(config, None, true, Some(tls), switchyard_smol::start)
         }
     }
 
@@ -255,6 +266,7 @@ macro_rules! suite {
             tls_untrusted_client_fails_others_served,
             tls_rotation_serves_new_pair_keeps_connections,
             tls_shutdown_drops_pending_handshakes,
+            tls_behind_proxy_header,
         );
         $crate::suite!(@each $rt; scenarios;
             item_1_healthz_get_and_post,

@@ -13,7 +13,7 @@ use switchyard_runtime::tls::Alpn;
 
 use crate::client::{
     Conn, Dialed, Http, Tcp, Ws, binary_headers, dial_over, https_raw, phone_headers, raw,
-    tls_connect, upgrade_request,
+    tls_connect, tls_connect_after, upgrade_request,
 };
 use crate::pki::{Leaf, SERVER_NAME, TestCa};
 use crate::{RelayUnderTest, Running, test_config};
@@ -444,4 +444,44 @@ pub fn tls_shutdown_drops_pending_handshakes<R: RelayUnderTest>() {
     assert!(bytes.is_empty(), "wrote {bytes:?}");
     assert!(elapsed < Duration::from_secs(5), "{elapsed:?}");
     relay.stop();
+}
+
+/// `--proxy-protocol` with TLS (stage 0: the PROXY header, then the handshake): the PROXY source
+/// is the client address, so the token bucket counts by it although every TCP peer here is
+/// 127.0.0.1; a ClientHello without the header is closed with nothing written.
+pub fn tls_behind_proxy_header<R: RelayUnderTest>() {
+    let ca = TestCa::new("switchyard test CA");
+    let leaf = ca.leaf();
+    let config = Config {
+        rate_burst: 1,
+        ..test_config()
+    };
+    let relay = R::start_proxied_tls(config, leaf.server_config(Alpn::Http));
+    let client = ca.client();
+    let over = |source: &str, path: &str, sid: &str| {
+        let headers = if path == "/v1/server" {
+            binary_headers(sid)
+        } else {
+            phone_headers(sid)
+        };
+        let conn = tls_connect_after(relay.addr, client.clone(), &crate::proxy::header(source))
+            .expect("TLS handshake after the PROXY header");
+        dial_over(conn, &upgrade_request("GET", path, &headers))
+    };
+    let mut b = over("198.51.100.7:40000", "/v1/server", "ptls").ws();
+    let mut p = over("203.0.113.9:40001", "/v1/client", "ptls").ws();
+    p.send("[1]");
+    let env = b.text();
+    assert!(env.ends_with(r#","frame":[1]}"#), "{env}");
+    // The binary's source has spent its one token; another source has its own.
+    match over("198.51.100.7:40002", "/v1/client", "ptls") {
+        Dialed::Rejected(h) => assert_eq!(h.status, 429),
+        other => panic!("expected 429 for a spent source, got {other:?}"),
+    }
+    assert!(matches!(
+        over("192.0.2.44:40003", "/v1/client", "ptls"),
+        Dialed::Upgraded(..)
+    ));
+    // No PROXY header: the ClientHello is not one, so the connection closes silently.
+    assert!(tls_connect(relay.addr, client).is_err());
 }
