@@ -20,15 +20,16 @@ WARMUP=${WARMUP:-3}
 DURATION=${DURATION:-8}
 PORT=${PORT:-18580}
 OUTDIR=${OUTDIR:-target/callgrind}
+RELAY=${RELAY:-target/release/switchyard}  # another build, for a before/after
 
 cargo build --release -q -p switchyard -p switchyard-bench
 mkdir -p "$OUTDIR"
-out="$OUTDIR/$KIND-$RT.out"
+out="$OUTDIR/$KIND-$RT${TAG:+-$TAG}.out"
 rm -f "$out" "$out".*
 
 case "$KIND" in
   relay)
-    cmd=(target/release/switchyard --runtime "$RT" --workers 1 --listen "127.0.0.1:$PORT"
+    cmd=("$RELAY" --runtime "$RT" --workers 1 --listen "127.0.0.1:$PORT"
       --metrics-listen "" --rate-burst 1000000 --max-connections 2000000
       --max-connections-per-ip 1000000 --ping-interval 5s)
     raw=() ;;
@@ -38,7 +39,7 @@ case "$KIND" in
   *) echo "relay or floor" >&2; exit 2 ;;
 esac
 
-valgrind --tool=callgrind --callgrind-out-file="$out" "${cmd[@]}" >/dev/null 2>"$OUTDIR/$KIND-$RT.log" &
+valgrind --tool=callgrind --callgrind-out-file="$out" "${cmd[@]}" >/dev/null 2>"${out%.out}.log" &
 PID=$!
 trap 'kill $PID 2>/dev/null || true' EXIT
 for _ in $(seq 300); do
