@@ -46,7 +46,8 @@ stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
 run() { # label args...
   local label=$1; shift
-  "$BENCH" "$@" --addr "127.0.0.1:$PORT" --target "$label" --threads "$WORKERS" | tail -1 >>"$rows"
+  "$BENCH" "$@" --addr "127.0.0.1:$PORT" --target "$label" --threads "$WORKERS" \
+    2> >(grep -v '^measure: ' >&2) | tail -1 >>"$rows"
 }
 
 for rt in tokio smol; do
