@@ -46,7 +46,8 @@ stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
 run() { # label args...
   local label=$1; shift
-  "$BENCH" "$@" --addr "127.0.0.1:$PORT" --target "$label" --threads "$WORKERS" | tail -1 >>"$rows"
+  "$BENCH" "$@" --addr "127.0.0.1:$PORT" --target "$label" --threads "$WORKERS" \
+    2> >(grep -v '^measure: ' >&2) | tail -1 >>"$rows"
 }
 
 for rt in tokio smol; do
@@ -54,6 +55,7 @@ for rt in tokio smol; do
   run "switchyard-$rt" throughput --servers "$SERVERS" --phones "$PHONES" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP"
   run "switchyard-$rt" throughput --servers "$((SERVERS * PHONES))" --phones 1 --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP"
   run "switchyard-$rt" latency --servers "$SERVERS" --phones "$PHONES" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --rate "$RATE"
+  run "switchyard-$rt" latency --servers "$((SERVERS * PHONES))" --phones 1 --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --rate "$RATE"
   run "switchyard-$rt" churn --servers "$SERVERS" --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP"
   stop "$RELAY_PID"
   start_relay "$rt"
@@ -61,13 +63,17 @@ for rt in tokio smol; do
   stop "$RELAY_PID"
 done
 
-"$BENCH" floor --listen "127.0.0.1:$PORT" --threads "$WORKERS" >/dev/null &
-pids+=($!)
-FLOOR_PID=$!
-sleep 0.5
-run floor throughput --raw --servers "$((SERVERS * PHONES))" --phones 1 --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP"
-run floor latency --raw --servers "$((SERVERS * PHONES))" --phones 1 --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --rate "$RATE"
-stop "$FLOOR_PID"
+# The floor pipe on each runtime. It pairs one phone with each binary, so its rows compare with
+# the relay's "× 1" rows.
+for rt in tokio smol; do
+  "$BENCH" floor --listen "127.0.0.1:$PORT" --threads "$WORKERS" --runtime "$rt" >/dev/null &
+  pids+=($!)
+  FLOOR_PID=$!
+  sleep 0.5
+  run "floor-$rt" throughput --raw --servers "$((SERVERS * PHONES))" --phones 1 --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP"
+  run "floor-$rt" latency --raw --servers "$((SERVERS * PHONES))" --phones 1 --size "$SIZE" --duration "$DURATION" --warmup "$WARMUP" --rate "$RATE"
+  stop "$FLOOR_PID"
+done
 
 python3 - "$rows" "$OUT" <<'PY'
 import json, sys, os, datetime

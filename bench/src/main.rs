@@ -10,9 +10,10 @@
 //!   connection, read from `/proc/<pid>/status`, after the heartbeat has run.
 //! - `churn`: connect + upgrade + one frame + close cycles per second.
 //! - `floor`: not a scenario but a server: the bare WebSocket pipe on the relay's own stack
-//!   (tokio + async-tungstenite), pairing one binary with one phone per server-id and copying
-//!   frames across with no envelope and no registry. Run the scenarios against it with `--raw`
-//!   to measure the cost floor of the two extra hops.
+//!   (the relay's executor, socket settings, codec settings and write batching), pairing one
+//!   binary with one phone per server-id and copying frames across with no envelope and no
+//!   registry. Run the scenarios against it with `--raw` to measure the cost floor of the two
+//!   extra hops.
 
 mod client;
 mod floor;
@@ -66,15 +67,30 @@ enum Command {
         listen: SocketAddr,
         #[arg(long, default_value_t = 1)]
         threads: usize,
+        /// The relay's runtime to run on.
+        #[arg(long, value_enum, default_value = "tokio")]
+        runtime: floor::Runtime,
     },
 }
 
 fn main() {
     let args = Args::parse();
+    if let Command::Floor {
+        listen,
+        threads,
+        runtime,
+    } = args.command
+    {
+        if let Err(e) = floor::serve(listen, threads, runtime) {
+            eprintln!("switchyard-bench: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let threads = match &args.command {
         Command::Throughput(l) | Command::Latency { load: l, .. } => l.threads,
         Command::Idle { load: l, .. } | Command::Churn { load: l, .. } => l.threads,
-        Command::Floor { threads, .. } => *threads,
+        Command::Floor { .. } => unreachable!("served above"),
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.max(1))
@@ -91,7 +107,7 @@ fn main() {
                 settle,
             } => scenarios::idle(load, relay_pid, settle).await,
             Command::Churn { load, concurrency } => scenarios::churn(load, concurrency).await,
-            Command::Floor { listen, .. } => floor::serve(listen).await,
+            Command::Floor { .. } => unreachable!("served above"),
         }
     });
     if let Err(e) = result {

@@ -151,10 +151,19 @@ pub async fn throughput(load: Load) -> Result<(), Error> {
             })
         })
         .collect();
+    // Marks the measured window on stderr, for a profiler to zero and dump its counts by.
+    let marks = tokio::spawn(async move {
+        let begin = Instant::now();
+        tokio::time::sleep_until((begin + warmup).into()).await;
+        eprintln!("measure: start");
+        tokio::time::sleep_until((begin + warmup + measure).into()).await;
+        eprintln!("measure: end");
+    });
     let mut rtt = histogram();
     for t in tasks {
         rtt.add(t.await??)?;
     }
+    marks.abort();
     binaries.iter().for_each(JoinHandle::abort);
     let rate = rtt.len() as f64 / measure.as_secs_f64();
     let (p50, p99, p999) = quantiles(&rtt);

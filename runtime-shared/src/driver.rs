@@ -135,6 +135,10 @@ struct State {
     write_done: bool,
     /// Alternates which side is polled first, so neither starves the other.
     write_first: bool,
+    /// The codec's read side returned `Pending` during the current poll of the task: its
+    /// wake-up is registered, so reading again before the task is woken would only find
+    /// nothing (a `recv` that fails on smol, a 4 KiB zero-fill in tungstenite on both).
+    read_blocked: bool,
     discard: Vec<u8>,
     /// A data message went either way since the last heartbeat ping.
     active: bool,
@@ -181,6 +185,7 @@ where
                 close_queued: false,
                 write_done: false,
                 write_first: false,
+                read_blocked: false,
                 discard: Vec::new(),
                 active: false,
                 quiet: true,
@@ -190,7 +195,19 @@ where
 
     /// Waits for the next thing the shard must hear about.
     pub async fn next_event(&mut self) -> Event {
-        poll_fn(|cx| self.poll_event(cx)).await
+        poll_fn(|cx| {
+            self.begin_poll();
+            self.poll_event(cx)
+        })
+        .await
+    }
+
+    /// A new poll of the connection's task begins: the socket may have become readable since
+    /// the last one. Within one poll of the task, [`poll_event`](Self::poll_event) may be
+    /// called again and again (once per event); it reads the socket only until reading finds
+    /// nothing, and then not again before the next `begin_poll`.
+    pub fn begin_poll(&mut self) {
+        self.state.read_blocked = false;
     }
 
     /// Ends the transport without waiting: over TLS a close_notify goes out if the socket
@@ -248,7 +265,10 @@ where
                     }
                 }
                 Codec::Waking(waking) => {
-                    self.codec = Codec::Awake(ready!(waking.as_mut().poll(cx)))
+                    self.codec = Codec::Awake(ready!(waking.as_mut().poll(cx)));
+                    // A new codec has read nothing yet (the byte that woke it may be followed by
+                    // more, with no new readiness to announce them).
+                    self.state.read_blocked = false;
                 }
                 // Cannot be seen between calls; ending is the safe answer if it ever were.
                 Codec::Moving => return Poll::Ready(Event::End(Ended::Local)),
@@ -268,9 +288,10 @@ impl State {
                 return Poll::Ready(e);
             }
         }
-        if may_read || self.reading == Reading::Discarding {
-            if let Poll::Ready(e) = self.poll_read(ws, cx) {
-                return Poll::Ready(e);
+        if (may_read || self.reading == Reading::Discarding) && !self.read_blocked {
+            match self.poll_read(ws, cx) {
+                Poll::Ready(e) => return Poll::Ready(e),
+                Poll::Pending => self.read_blocked = true,
             }
         }
         if !self.write_first {

@@ -594,6 +594,9 @@ where
         if this.driver.is_none() && this.slot.is_some() {
             this.end(Ended::Dropped);
         }
+        if let Some(driver) = &mut this.driver {
+            driver.begin_poll();
+        }
         loop {
             if let Some(sending) = &mut this.sending {
                 let delivered = ready!(sending.as_mut().poll(cx));
