@@ -1186,3 +1186,73 @@ impl Relay {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    use super::*;
+
+    /// Counts `frame_dropped` log lines.
+    struct DropLines(Arc<AtomicUsize>);
+
+    impl Subscriber for DropLines {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            struct Message(bool);
+            impl Visit for Message {
+                fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                    if field.name() == "message" && format!("{value:?}") == "frame_dropped" {
+                        self.0 = true;
+                    }
+                }
+            }
+            let mut m = Message(false);
+            event.record(&mut m);
+            if m.0 {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    #[test]
+    fn frame_dropped_is_logged_at_most_once_a_second_per_reason() {
+        let lines = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let mut relay = Relay::new(Config::default(), [7; 32], t0);
+        tracing::subscriber::with_default(DropLines(lines.clone()), || {
+            let mut at = |relay: &mut Relay, ms: u64, reason: DropReason| {
+                relay.advance(t0 + Duration::from_millis(ms));
+                relay.dropped(reason);
+            };
+            at(&mut relay, 0, DropReason::Malformed);
+            at(&mut relay, 10, DropReason::Malformed);
+            at(&mut relay, 999, DropReason::Malformed);
+            assert_eq!(lines.load(Ordering::SeqCst), 1, "once within the second");
+            at(&mut relay, 999, DropReason::NotJson);
+            assert_eq!(
+                lines.load(Ordering::SeqCst),
+                2,
+                "each reason has its own second"
+            );
+            at(&mut relay, 1000, DropReason::Malformed);
+            assert_eq!(lines.load(Ordering::SeqCst), 3, "again a second later");
+        });
+        assert_eq!(relay.counters().dropped(DropReason::Malformed), 4);
+    }
+}
