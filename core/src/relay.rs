@@ -802,8 +802,11 @@ impl Relay {
                 tracing::info!(server_id = %sid, conn_id = %c.id, "phone_unregistered");
                 let holder = self.ids.get(&sid).and_then(Entry::holder);
                 if let (Some(code), Some(notify)) = (notice, notify) {
-                    let alive = self.conns.get(&notify).is_some_and(|b| !b.ending);
-                    if holder == Some(notify) && !self.shutting_down && alive {
+                    // Every end after a shutdown carries no notice, and a holder is never an
+                    // ending connection: its end hands the id on at once.
+                    debug_assert!(!self.shutting_down);
+                    if holder == Some(notify) {
+                        debug_assert!(self.conns.get(&notify).is_some_and(|b| !b.ending));
                         let data = envelope::close_notice(&self.conns[&conn].id, code);
                         self.enqueue_to_binary(notify, data, Item::Notice);
                     }
