@@ -1258,4 +1258,58 @@ mod tests {
         });
         assert_eq!(relay.counters().dropped(DropReason::Malformed), 4);
     }
+
+    fn open(relay: &mut Relay, at: Instant, conn: u64, role: Role) {
+        let open = Open {
+            server_id: ServerId::parse(b"abc").unwrap(),
+            role,
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        let conn = ConnKey(conn);
+        relay.handle_input(at, Input::Open { conn, open });
+    }
+
+    #[test]
+    fn an_empty_queue_thrown_away_logs_no_drop() {
+        let lines = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let mut relay = Relay::new(Config::default(), [7; 32], t0);
+        tracing::subscriber::with_default(DropLines(lines.clone()), || {
+            let binary = Role::Binary {
+                version: "1".into(),
+            };
+            open(&mut relay, t0, 1, binary.clone());
+            let ended = Ended::PeerClose(Some(1000));
+            relay.handle_input(
+                t0,
+                Input::Closed {
+                    conn: ConnKey(1),
+                    ended,
+                },
+            );
+            assert_eq!(lines.load(Ordering::SeqCst), 0, "nothing was queued");
+
+            // A phone's frame still queued for the binary when it goes is a drop, and logged.
+            open(&mut relay, t0, 2, binary);
+            open(&mut relay, t0, 3, Role::Phone { device_name: None });
+            let data = Bytes::from_static(b"{}");
+            relay.handle_input(
+                t0,
+                Input::Message {
+                    conn: ConnKey(3),
+                    data,
+                },
+            );
+            let ended = Ended::Dropped;
+            relay.handle_input(
+                t0,
+                Input::Closed {
+                    conn: ConnKey(2),
+                    ended,
+                },
+            );
+            assert_eq!(lines.load(Ordering::SeqCst), 1);
+        });
+        assert_eq!(relay.counters().dropped(DropReason::BinaryGone), 1);
+    }
 }
