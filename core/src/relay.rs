@@ -999,9 +999,12 @@ impl Relay {
         let Some(entry) = self.ids.get_mut(sid) else {
             return;
         };
-        if !entry.paused || entry.holder() != Some(holder) {
+        if !entry.paused {
             return;
         }
+        // Only the holder's queue pauses the phones, and only a holder has a queue to drain:
+        // a holder's end throws its queue away, or at shutdown first resumes its phones.
+        debug_assert_eq!(entry.holder(), Some(holder));
         entry.paused = false;
         let phones: Vec<ConnKey> = entry.phones.values().copied().collect();
         for p in phones {
