@@ -1237,12 +1237,13 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // a test clock origin
     fn frame_dropped_is_logged_at_most_once_a_second_per_reason() {
         let lines = Arc::new(AtomicUsize::new(0));
         let t0 = Instant::now();
         let mut relay = Relay::new(Config::default(), [7; 32], t0);
         tracing::subscriber::with_default(DropLines(lines.clone()), || {
-            let mut at = |relay: &mut Relay, ms: u64, reason: DropReason| {
+            let at = |relay: &mut Relay, ms: u64, reason: DropReason| {
                 relay.advance(t0 + Duration::from_millis(ms));
                 relay.dropped(reason);
             };
@@ -1273,6 +1274,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_methods)] // a test clock origin
     fn an_empty_queue_thrown_away_logs_no_drop() {
         let lines = Arc::new(AtomicUsize::new(0));
         let t0 = Instant::now();
