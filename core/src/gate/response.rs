@@ -309,9 +309,9 @@ mod tests {
     #[test]
     fn json_string_escapes() {
         let mut out = Vec::new();
-        write_json_string(&mut out, "a\"b\\c\u{1}é");
-        assert_eq!(out, "\"a\\\"b\\\\c\\u0001é\"".as_bytes());
+        write_json_string(&mut out, "a\"b\\c\u{1}\u{1f} é");
+        assert_eq!(out, "\"a\\\"b\\\\c\\u0001\\u001f é\"".as_bytes());
         let parsed: String = serde_json::from_slice(&out).unwrap();
-        assert_eq!(parsed, "a\"b\\c\u{1}é");
+        assert_eq!(parsed, "a\"b\\c\u{1}\u{1f} é");
     }
 }
