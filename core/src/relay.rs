@@ -802,8 +802,11 @@ impl Relay {
                 tracing::info!(server_id = %sid, conn_id = %c.id, "phone_unregistered");
                 let holder = self.ids.get(&sid).and_then(Entry::holder);
                 if let (Some(code), Some(notify)) = (notice, notify) {
-                    let alive = self.conns.get(&notify).is_some_and(|b| !b.ending);
-                    if holder == Some(notify) && !self.shutting_down && alive {
+                    // Every end after a shutdown carries no notice, and a holder is never an
+                    // ending connection: its end hands the id on at once.
+                    debug_assert!(!self.shutting_down);
+                    if holder == Some(notify) {
+                        debug_assert!(self.conns.get(&notify).is_some_and(|b| !b.ending));
                         let data = envelope::close_notice(&self.conns[&conn].id, code);
                         self.enqueue_to_binary(notify, data, Item::Notice);
                     }
@@ -996,9 +999,12 @@ impl Relay {
         let Some(entry) = self.ids.get_mut(sid) else {
             return;
         };
-        if !entry.paused || entry.holder() != Some(holder) {
+        if !entry.paused {
             return;
         }
+        // Only the holder's queue pauses the phones, and only a holder has a queue to drain:
+        // a holder's end throws its queue away, or at shutdown first resumes its phones.
+        debug_assert_eq!(entry.holder(), Some(holder));
         entry.paused = false;
         let phones: Vec<ConnKey> = entry.phones.values().copied().collect();
         for p in phones {
@@ -1184,5 +1190,131 @@ impl Relay {
             *last = Some(self.now);
             tracing::info!(reason = reason.as_str(), "frame_dropped");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata, Subscriber};
+
+    use super::*;
+
+    /// Counts `frame_dropped` log lines.
+    struct DropLines(Arc<AtomicUsize>);
+
+    impl Subscriber for DropLines {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &Attributes<'_>) -> Id {
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &Event<'_>) {
+            struct Message(bool);
+            impl Visit for Message {
+                fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                    if field.name() == "message" && format!("{value:?}") == "frame_dropped" {
+                        self.0 = true;
+                    }
+                }
+            }
+            let mut m = Message(false);
+            event.record(&mut m);
+            if m.0 {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a test clock origin
+    fn frame_dropped_is_logged_at_most_once_a_second_per_reason() {
+        let lines = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let mut relay = Relay::new(Config::default(), [7; 32], t0);
+        tracing::subscriber::with_default(DropLines(lines.clone()), || {
+            let at = |relay: &mut Relay, ms: u64, reason: DropReason| {
+                relay.advance(t0 + Duration::from_millis(ms));
+                relay.dropped(reason);
+            };
+            at(&mut relay, 0, DropReason::Malformed);
+            at(&mut relay, 10, DropReason::Malformed);
+            at(&mut relay, 999, DropReason::Malformed);
+            assert_eq!(lines.load(Ordering::SeqCst), 1, "once within the second");
+            at(&mut relay, 999, DropReason::NotJson);
+            assert_eq!(
+                lines.load(Ordering::SeqCst),
+                2,
+                "each reason has its own second"
+            );
+            at(&mut relay, 1000, DropReason::Malformed);
+            assert_eq!(lines.load(Ordering::SeqCst), 3, "again a second later");
+        });
+        assert_eq!(relay.counters().dropped(DropReason::Malformed), 4);
+    }
+
+    fn open(relay: &mut Relay, at: Instant, conn: u64, role: Role) {
+        let open = Open {
+            server_id: ServerId::parse(b"abc").unwrap(),
+            role,
+            client: std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        let conn = ConnKey(conn);
+        relay.handle_input(at, Input::Open { conn, open });
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // a test clock origin
+    fn an_empty_queue_thrown_away_logs_no_drop() {
+        let lines = Arc::new(AtomicUsize::new(0));
+        let t0 = Instant::now();
+        let mut relay = Relay::new(Config::default(), [7; 32], t0);
+        tracing::subscriber::with_default(DropLines(lines.clone()), || {
+            let binary = Role::Binary {
+                version: "1".into(),
+            };
+            open(&mut relay, t0, 1, binary.clone());
+            let ended = Ended::PeerClose(Some(1000));
+            relay.handle_input(
+                t0,
+                Input::Closed {
+                    conn: ConnKey(1),
+                    ended,
+                },
+            );
+            assert_eq!(lines.load(Ordering::SeqCst), 0, "nothing was queued");
+
+            // A phone's frame still queued for the binary when it goes is a drop, and logged.
+            open(&mut relay, t0, 2, binary);
+            open(&mut relay, t0, 3, Role::Phone { device_name: None });
+            let data = Bytes::from_static(b"{}");
+            relay.handle_input(
+                t0,
+                Input::Message {
+                    conn: ConnKey(3),
+                    data,
+                },
+            );
+            let ended = Ended::Dropped;
+            relay.handle_input(
+                t0,
+                Input::Closed {
+                    conn: ConnKey(2),
+                    ended,
+                },
+            );
+            assert_eq!(lines.load(Ordering::SeqCst), 1);
+        });
+        assert_eq!(relay.counters().dropped(DropReason::BinaryGone), 1);
     }
 }

@@ -801,6 +801,39 @@ fn item_59_binary_backpressure_pauses_and_resumes_phones() {
 }
 
 #[test]
+fn a_phone_paused_mid_message_gets_a_whole_read_deadline_on_resume() {
+    let config = Config {
+        binary_outbox_bytes: 2000,
+        write_timeout: Duration::from_secs(200),
+        ..Config::default()
+    };
+    let mut sim = Sim::new(config);
+    let (b, p) = pair(&mut sim);
+    let q = sim.phone("abc");
+    sim.input(Input::MessageStarted { conn: p });
+    let frame = format!("\"{}\"", "z".repeat(500));
+    for _ in 0..4 {
+        sim.send(q, &frame);
+    }
+    assert!(sim.take(p).contains(&Output::PauseReading {
+        conn: p,
+        paused: true
+    }));
+    // Paused past the 30 s read deadline: the pause suspended it.
+    sim.keep_alive(Duration::from_secs(40), &[b]);
+    sim.ack_all();
+    assert!(sim.take(p).contains(&Output::PauseReading {
+        conn: p,
+        paused: false
+    }));
+    // Resumed mid-message, the phone has a whole read timeout again.
+    sim.keep_alive(Duration::from_secs(29), &[b, p]);
+    assert_eq!(sim.closed_with(p), None);
+    sim.keep_alive(Duration::from_secs(1), &[b, p]);
+    assert_eq!(sim.closed_with(p), Some((1008, "read timeout")));
+}
+
+#[test]
 fn item_60_binary_that_never_drains_is_ended_and_phones_resume() {
     let config = Config {
         binary_outbox_bytes: 1000,

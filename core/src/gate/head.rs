@@ -61,12 +61,10 @@ pub(super) fn parse(bytes: &[u8], limit: usize) -> Parsed<'_> {
     let oversized = bytes.len() > limit;
     let read = bytes.get(..limit).unwrap_or(bytes);
     match run_httparse(read) {
+        // httparse refuses a field value holding a control byte other than HTAB (RFC 9110
+        // §5.5); `control_bytes_invalidate` pins that.
         Ok(Outcome::Complete { len, head }) if !oversized && len == read.len() => {
-            if head.fields.iter().any(|f| has_control_byte(f.value)) {
-                Parsed::Invalid
-            } else {
-                Parsed::Complete(head)
-            }
+            Parsed::Complete(head)
         }
         // The head ended before the bytes the runtime framed as its head (bare-LF framing):
         // the two would disagree about where the request ends.
@@ -173,11 +171,6 @@ fn request_line(read: &[u8]) -> Option<RequestLine> {
         }),
         Ok(Status::Partial) | Err(_) => None,
     }
-}
-
-/// A control byte other than HTAB: RFC 9110 field values never hold one.
-fn has_control_byte(value: &[u8]) -> bool {
-    value.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7F)
 }
 
 /// Removes leading and trailing spaces and tabs (§4).

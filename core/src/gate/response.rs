@@ -267,6 +267,29 @@ mod tests {
     }
 
     #[test]
+    fn every_status_line_carries_its_reason_phrase() {
+        for (r, line) in [
+            (Reject::Misdirected, "421 Misdirected Request"),
+            (Reject::NotFound, "404 Not Found"),
+            (Reject::RateLimited, "429 Too Many Requests"),
+            (Reject::AddressCap, "503 Service Unavailable"),
+            (Reject::GlobalCap, "503 Service Unavailable"),
+            (Reject::HeadTooLarge, "431 Request Header Fields Too Large"),
+            (Reject::Headers, "400 Bad Request"),
+            (Reject::UpgradeRequired, "426 Upgrade Required"),
+            (Reject::MethodNotAllowed, "405 Method Not Allowed"),
+            (Reject::WebSocketVersion, "400 Bad Request"),
+            (Reject::WebSocketKey, "400 Bad Request"),
+        ] {
+            let resp = r.render(false);
+            assert!(
+                text(&resp).starts_with(&format!("HTTP/1.1 {line}\r\n")),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
     fn misdirected_is_empty() {
         assert_eq!(
             text(&Reject::Misdirected.render(false)),
@@ -286,9 +309,9 @@ mod tests {
     #[test]
     fn json_string_escapes() {
         let mut out = Vec::new();
-        write_json_string(&mut out, "a\"b\\c\u{1}é");
-        assert_eq!(out, "\"a\\\"b\\\\c\\u0001é\"".as_bytes());
+        write_json_string(&mut out, "a\"b\\c\u{1}\u{1f} é");
+        assert_eq!(out, "\"a\\\"b\\\\c\\u0001\\u001f é\"".as_bytes());
         let parsed: String = serde_json::from_slice(&out).unwrap();
-        assert_eq!(parsed, "a\"b\\c\u{1}é");
+        assert_eq!(parsed, "a\"b\\c\u{1}\u{1f} é");
     }
 }
