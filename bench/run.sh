@@ -19,6 +19,8 @@ RATE=${RATE:-5000}
 IDLE_SERVERS=${IDLE_SERVERS:-1000}
 IDLE_PHONES=${IDLE_PHONES:-9}
 WORKERS=${WORKERS:-1}
+# Load-generator threads; with one, the N × 1 rows measure the generator more than the relay.
+GEN_THREADS=${GEN_THREADS:-$WORKERS}
 OUT=${OUT:-docs/PERFORMANCE.md}
 PORT=${PORT:-18480}
 
@@ -46,7 +48,7 @@ stop() { kill "$1"; wait "$1" 2>/dev/null || true; }
 
 run() { # label args...
   local label=$1; shift
-  "$BENCH" "$@" --addr "127.0.0.1:$PORT" --target "$label" --threads "$WORKERS" \
+  "$BENCH" "$@" --addr "127.0.0.1:$PORT" --target "$label" --threads "$GEN_THREADS" \
     2> >(grep -v '^measure: ' >&2) | tail -1 >>"$rows"
 }
 
@@ -82,7 +84,8 @@ cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.start
 def fmt(v): return f"{v:,.0f}" if isinstance(v, (int, float)) else str(v)
 table = [
     f"Measured {datetime.date.today()} on {os.cpu_count()} cores ({cpu}), load generator on the same",
-    f"machine, relay and load generator with `--workers {os.environ.get('WORKERS', '1')}` each.",
+    f"machine, relay and floor with `--workers {os.environ.get('WORKERS', '1')}`, load generator with "
+    f"`--threads {os.environ.get('GEN_THREADS', os.environ.get('WORKERS', '1'))}`.",
     "",
     "| scenario | target | servers × phones | frame B | round trips/s | p50 µs | p99 µs | p99.9 µs | other |",
     "|---|---|---|---|---|---|---|---|---|",
