@@ -1,20 +1,64 @@
-//! The smol runtime of Switchyard: one `async-executor` run by `workers` threads, async-net
+//! The smol runtime of Switchyard: one `async-executor` run by `workers` threads, async-io
 //! listeners and `async-io` timers under the executor-neutral node of [`switchyard_runtime`],
 //! which holds everything else (see its documentation for the architecture).
 
 use std::future::Future;
-use std::io;
-use std::net::SocketAddr;
+use std::io::{self, IoSlice};
+use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use async_executor::Executor;
-use async_io::Timer;
-use async_net::{TcpListener, TcpStream};
+use async_io::{Async, Timer};
+use futures_io::{AsyncRead, AsyncWrite};
 
 pub use switchyard_runtime::{Options, RESPONSE_LINGER, RenderMetrics, shard_seed};
+
+/// An accepted connection: async-io's socket itself rather than async-net's `TcpStream`, which
+/// adds an `Arc` and two stored readiness futures to every connection, idle ones included.
+/// Closing shuts down the sending side, as async-net does (async-io's own close only flushes):
+/// the linger after a response (§2.1) needs the FIN.
+#[derive(Debug)]
+pub struct Stream(Async<std::net::TcpStream>);
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.0.get_ref().shutdown(Shutdown::Write))
+    }
+}
 
 /// A running node on smol.
 pub type Handle = switchyard_runtime::Handle<Smol>;
@@ -40,8 +84,8 @@ pub struct SmolThreads {
 
 impl switchyard_runtime::Executor for Smol {
     type Threads = SmolThreads;
-    type Listener = TcpListener;
-    type Stream = TcpStream;
+    type Listener = Async<std::net::TcpListener>;
+    type Stream = Stream;
     type Timer = Timer;
 
     fn launch(workers: usize) -> io::Result<(Smol, SmolThreads)> {
@@ -65,14 +109,14 @@ impl switchyard_runtime::Executor for Smol {
         Ok((Smol(Arc::downgrade(&executor)), threads))
     }
 
-    fn listener(&self, listener: std::net::TcpListener) -> io::Result<TcpListener> {
-        TcpListener::try_from(listener)
+    fn listener(&self, listener: std::net::TcpListener) -> io::Result<Self::Listener> {
+        Async::new(listener)
     }
 
-    async fn accept(listener: &TcpListener) -> io::Result<(TcpStream, SocketAddr)> {
+    async fn accept(listener: &Self::Listener) -> io::Result<(Stream, SocketAddr)> {
         let (stream, peer) = listener.accept().await?;
-        let _ = stream.set_nodelay(true);
-        Ok((stream, peer))
+        let _ = stream.get_ref().set_nodelay(true);
+        Ok((Stream(stream), peer))
     }
 
     fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
