@@ -3,6 +3,10 @@
 
 use std::process::{Command, Output};
 
+mod common;
+
+use common::free_port;
+
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
@@ -151,14 +155,6 @@ fn assert_refused(out: &Output, reason: &str, says: &str, context: &str) {
         )),
         "{context}: {err}"
     );
-}
-
-/// A loopback port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 #[test]

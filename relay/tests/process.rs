@@ -6,6 +6,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{free_port, http_get};
+
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 
 fn spawn(args: &[&str]) -> Child {
@@ -20,32 +24,11 @@ fn spawn(args: &[&str]) -> Child {
         .expect("spawn switchyard")
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
-}
-
 /// Polls `path` until it answers.
 fn wait_for(addr: SocketAddr, path: &str) -> (u16, String) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(r) = get(addr, path) {
+        if let Some(r) = http_get(addr, path) {
             return r;
         }
         assert!(Instant::now() < deadline, "{addr}{path} never answered");

@@ -38,6 +38,10 @@ use serde_json::{Value, json};
 use tungstenite::protocol::Role;
 use tungstenite::{Message, WebSocket};
 
+mod common;
+
+use common::http_get;
+
 const BIN: &str = env!("CARGO_BIN_EXE_switchyard");
 const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/haproxy");
 
@@ -674,19 +678,6 @@ fn routing_block(config: &str) -> Vec<String> {
         .collect();
     assert!(!lines.is_empty(), "no routing block");
     lines.into_iter().map(str::to_owned).collect()
-}
-
-/// A plain GET; `None` when the address does not answer.
-fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: relay\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split(' ').nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n")?.1.to_owned();
-    Some((status, body))
 }
 
 fn healthz(addr: SocketAddr) -> Option<(u16, Value)> {

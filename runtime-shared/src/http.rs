@@ -15,24 +15,44 @@ pub enum MetricsRoute {
     Drop,
 }
 
-/// Routes one head read by [`read_head`](crate::head::read_head) on the metrics listener.
-pub fn metrics_route(head: &[u8]) -> MetricsRoute {
+/// The parts of a head read by [`read_head`](crate::head::read_head) that both listeners route
+/// on.
+struct RequestLine<'h> {
+    /// The head ended within the limit (CRLFCRLF seen, every header line valid).
+    complete: bool,
+    method: &'h str,
+    /// The request-target without its query.
+    path: &'h str,
+}
+
+/// `None`: not an HTTP/1.x request (close writing nothing).
+fn request_line(head: &[u8]) -> Option<RequestLine<'_>> {
     let mut headers = [httparse::EMPTY_HEADER; 64];
     let mut req = httparse::Request::new(&mut headers);
     let complete = match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => true,
-        Ok(httparse::Status::Partial) => false,
-        Err(httparse::Error::TooManyHeaders) => false,
-        Err(_) => return MetricsRoute::Drop,
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => false,
+        Err(_) => return None,
     };
-    let (Some(method), Some(path)) = (req.method, req.path) else {
-        return MetricsRoute::Drop;
-    };
+    let (method, path) = (req.method?, req.path?);
     let path = path.split('?').next().unwrap_or(path);
-    if complete && method == "GET" && path == "/metrics" {
-        MetricsRoute::Metrics
-    } else {
-        MetricsRoute::NotFound
+    Some(RequestLine {
+        complete,
+        method,
+        path,
+    })
+}
+
+/// Routes one head read by [`read_head`](crate::head::read_head) on the metrics listener.
+pub fn metrics_route(head: &[u8]) -> MetricsRoute {
+    match request_line(head) {
+        None => MetricsRoute::Drop,
+        Some(RequestLine {
+            complete: true,
+            method: "GET",
+            path: "/metrics",
+        }) => MetricsRoute::Metrics,
+        Some(_) => MetricsRoute::NotFound,
     }
 }
 
@@ -66,27 +86,18 @@ pub enum AcmeRoute {
 /// Routes one head read by [`read_head`](crate::head::read_head) on the http-01 listener.
 /// A token is one non-empty path segment of base64url characters, as ACME issues them.
 pub fn acme_route(head: &[u8]) -> AcmeRoute {
-    let mut headers = [httparse::EMPTY_HEADER; 64];
-    let mut req = httparse::Request::new(&mut headers);
-    let complete = match req.parse(head) {
-        Ok(httparse::Status::Complete(_)) => true,
-        Ok(httparse::Status::Partial) => false,
-        Err(httparse::Error::TooManyHeaders) => false,
-        Err(_) => return AcmeRoute::Drop,
-    };
-    let (Some(method), Some(path)) = (req.method, req.path) else {
+    let Some(line) = request_line(head) else {
         return AcmeRoute::Drop;
     };
-    let path = path.split('?').next().unwrap_or(path);
-    let token = path.strip_prefix(ACME_CHALLENGE_PREFIX).filter(|t| {
+    let token = line.path.strip_prefix(ACME_CHALLENGE_PREFIX).filter(|t| {
         !t.is_empty()
             && t.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     });
-    match (complete, method, token) {
+    match (line.complete, line.method, token) {
         (true, "GET" | "HEAD", Some(token)) => AcmeRoute::Challenge {
             token: token.to_owned(),
-            head_only: method == "HEAD",
+            head_only: line.method == "HEAD",
         },
         _ => AcmeRoute::NotFound,
     }
