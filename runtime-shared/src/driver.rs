@@ -27,6 +27,7 @@ use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Message, Utf8Bytes};
 
 use crate::queue::{Cmd, ConnQueue};
+use crate::readiness::Readiness;
 use crate::scanner::Watched;
 
 /// Commands fed to the codec before a flush is forced, so `Written` keeps flowing under load.
@@ -83,7 +84,7 @@ type Ws<S> = Box<WebSocketStream<Watched<S>>>;
 
 /// A connection's codec, or while the connection is quiet only its socket.
 enum Codec<S> {
-    Awake(Ws<S>),
+    Awake(Ws<S>, Readiness),
     /// No buffer is held; one byte read (or a command to write) wakes a new codec.
     Asleep(Watched<S>),
     /// A new codec is being built (async-tungstenite builds one in a future, ready at once).
@@ -135,9 +136,8 @@ struct State {
     write_done: bool,
     /// Alternates which side is polled first, so neither starves the other.
     write_first: bool,
-    /// The codec's read side returned `Pending` during the current poll of the task: its
-    /// wake-up is registered, so reading again before the task is woken would only find
-    /// nothing (a `recv` that fails on smol, a 4 KiB zero-fill in tungstenite on both).
+    /// The codec's read side returned `Pending` and the socket has not woken it since (see
+    /// [`ConnDriver::begin_poll`]): reading now would only find nothing.
     read_blocked: bool,
     discard: Vec<u8>,
     /// A data message went either way since the last heartbeat ping.
@@ -196,18 +196,23 @@ where
     /// Waits for the next thing the shard must hear about.
     pub async fn next_event(&mut self) -> Event {
         poll_fn(|cx| {
-            self.begin_poll();
+            self.begin_poll(cx);
             self.poll_event(cx)
         })
         .await
     }
 
-    /// A new poll of the connection's task begins: the socket may have become readable since
-    /// the last one. Within one poll of the task, [`poll_event`](Self::poll_event) may be
-    /// called again and again (once per event); it reads the socket only until reading finds
-    /// nothing, and then not again before the next `begin_poll`.
-    pub fn begin_poll(&mut self) {
-        self.state.read_blocked = false;
+    /// A new poll of the connection's task begins. The socket is read again only if it woke
+    /// the task since reading last found nothing: a wake-up for anything else (a command from
+    /// the shard, returned read credit) leaves a socket known to be empty alone. Within one poll
+    /// of the task, [`poll_event`](Self::poll_event) may be called again and again (once per
+    /// event); it reads the socket until reading finds nothing.
+    pub fn begin_poll(&mut self, cx: &Context<'_>) {
+        if let Codec::Awake(_, readiness) = &self.codec {
+            if readiness.begin(cx) {
+                self.state.read_blocked = false;
+            }
+        }
     }
 
     /// Ends the transport without waiting: over TLS a close_notify goes out if the socket
@@ -216,7 +221,7 @@ where
     pub fn close_transport_now(&mut self) {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let _ = match &mut self.codec {
-            Codec::Awake(ws) => Pin::new(ws.get_mut()).poll_close(&mut cx),
+            Codec::Awake(ws, _) => Pin::new(ws.get_mut()).poll_close(&mut cx),
             Codec::Asleep(socket) => Pin::new(socket).poll_close(&mut cx),
             Codec::Waking(_) | Codec::Moving => return,
         };
@@ -237,14 +242,17 @@ where
         let may_read = !controls.paused && !controls.credit_exhausted;
         loop {
             match &mut self.codec {
-                Codec::Awake(ws) => {
-                    if let Poll::Ready(event) = self.state.poll_awake(ws, may_read, cx) {
+                Codec::Awake(ws, readiness) => {
+                    let mut read_cx = readiness.context();
+                    if let Poll::Ready(event) =
+                        self.state.poll_awake(ws, may_read, cx, &mut read_cx)
+                    {
                         return Poll::Ready(event);
                     }
                     if !self.state.may_sleep(ws, may_read, cx) {
                         return Poll::Pending;
                     }
-                    if let Codec::Awake(ws) = std::mem::replace(&mut self.codec, Codec::Moving) {
+                    if let Codec::Awake(ws, _) = std::mem::replace(&mut self.codec, Codec::Moving) {
                         self.codec = Codec::Asleep(ws.into_inner());
                         self.asleep.fetch_add(1, Ordering::Relaxed);
                         self.state.queue.release_buffer();
@@ -265,7 +273,10 @@ where
                     }
                 }
                 Codec::Waking(waking) => {
-                    self.codec = Codec::Awake(ready!(waking.as_mut().poll(cx)));
+                    let ws = ready!(waking.as_mut().poll(cx));
+                    let readiness = Readiness::new();
+                    readiness.begin(cx);
+                    self.codec = Codec::Awake(ws, readiness);
                     // A new codec has read nothing yet (the byte that woke it may be followed by
                     // more, with no new readiness to announce them).
                     self.state.read_blocked = false;
@@ -278,7 +289,15 @@ where
 }
 
 impl State {
-    fn poll_awake<S>(&mut self, ws: &mut Ws<S>, may_read: bool, cx: &mut Context<'_>) -> Poll<Event>
+    /// `read_cx` carries the waker that records read readiness ([`Readiness`]): every read
+    /// goes through it, everything else through the task's `cx`.
+    fn poll_awake<S>(
+        &mut self,
+        ws: &mut Ws<S>,
+        may_read: bool,
+        cx: &mut Context<'_>,
+        read_cx: &mut Context<'_>,
+    ) -> Poll<Event>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -289,7 +308,7 @@ impl State {
             }
         }
         if (may_read || self.reading == Reading::Discarding) && !self.read_blocked {
-            match self.poll_read(ws, cx) {
+            match self.poll_read(ws, read_cx) {
                 Poll::Ready(e) => return Poll::Ready(e),
                 Poll::Pending => self.read_blocked = true,
             }

@@ -12,19 +12,20 @@
 //! - `workers` threads, owned by the runtime crate ([`Executor::launch`]).
 //! - One actor task per shard (as many shards as workers). It owns its [`Relay`], one timer re-armed
 //!   from [`Relay::poll_timeout`] and a routing table from [`ConnKey`] to each connection's
-//!   [`ConnQueue`]. Connections reach their shard (`server_id.shard(workers)`) through one
-//!   bounded channel of inputs; the shard never waits on a connection.
+//!   [`ConnQueue`]. Connections reach their shard (`server_id.shard(workers)`) through its
+//!   bounded inbox of inputs (`inbox`), which the shard empties a batch at a time; the shard
+//!   never waits on a connection.
 //! - One task per connection: a [`ConnDriver`] reads frames and reports them, and writes what the
 //!   shard queued for it, feeding a batch to the codec and flushing once, then reporting
 //!   `Written` per message.
 //! - The [`Gate`] sits behind a mutex held only for `handle_head` and `release`.
-//! - Every structure shared between threads (connection queues, published figures, the gate's
-//!   lock, the shutdown flag, the task latches) is written on the `sync` module's types, which
+//! - Every structure shared between threads (shard inboxes, connection queues, published
+//!   figures, the gate's lock, the shutdown flag, the task latches) is written on the `sync` module's types, which
 //!   `--cfg switchyard_loom` swaps for loom's so the models in `loom_models` run the real code.
 //! - Push wakes the shards' buckets admit go to one node-wide [`PushSink`] (`switchyard-push`),
 //!   which returns at once and sends off the workers: a slow FCM never delays a frame.
 //!
-//! Channels are `async-channel`, I/O is futures-io and the codec is async-tungstenite over it, so
+//! I/O is futures-io and the codec is async-tungstenite over it, so
 //! the only executor-specific pieces are the ones [`Executor`] names. `switchyard-tokio` and
 //! `switchyard-smol` implement it and re-export [`Options`], [`start`] and [`Handle`] with their
 //! executor filled in.
@@ -43,12 +44,14 @@ mod gate;
 mod gauges;
 pub mod head;
 pub mod http;
+mod inbox;
 #[cfg(all(test, switchyard_loom))]
 mod loom_models;
 mod node;
 pub mod proxy;
 mod published;
 pub mod queue;
+mod readiness;
 pub mod scanner;
 mod shard;
 mod signal;

@@ -19,9 +19,6 @@
 //! failing schedule, the second starts from it), adding `LOOM_LOG=trace LOOM_LOCATION=1` to see
 //! every step of it.
 //!
-//! The acceptor → shard hand-off (`async-channel`) is not modelled: loom sees only atomics it
-//! provides, and the property the runtime relies on (one task's sends arrive in order) is the
-//! channel's own. It is covered end to end by the scenario suite.
 
 use std::cell::Cell;
 use std::future::{Future, poll_fn};
@@ -37,6 +34,7 @@ use loom::thread;
 use switchyard_core::{CloseCode, Config, Counters, Gate, Load, Verdict};
 
 use crate::gate::SharedGate;
+use crate::inbox::{Batch, Closed, inbox};
 use crate::published::Published;
 use crate::queue::{Cmd, ConnQueue};
 use crate::signal::{Flag, latch};
@@ -278,6 +276,116 @@ fn queue_read_credit_no_lost_wakeup() {
             .await;
         });
         shard.join().unwrap();
+    });
+}
+
+// ---- shard inbox: connection tasks and the node (senders) → the shard (receiver) -----------
+
+/// Takes batches until `n` messages have arrived (or every sender is gone).
+fn receive(rx: &crate::inbox::Receiver<u32>, n: usize) -> Vec<u32> {
+    let mut got = std::collections::VecDeque::new();
+    block_on(poll_fn(|cx| {
+        while got.len() < n {
+            match rx.poll_batch(cx, &mut got, 2) {
+                Poll::Ready(Batch::Taken) => {}
+                Poll::Ready(Batch::Ended) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(())
+    }));
+    got.into()
+}
+
+/// A sender fills an inbox of one slot: neither the shard nor the sender waiting for room
+/// misses its wake-up, and the messages arrive once each, in the order sent (what puts `Open`
+/// before a connection's inputs).
+#[test]
+fn inbox_fifo_backpressure_no_lost_wakeup() {
+    check("inbox_fifo_backpressure_no_lost_wakeup", || {
+        let (tx, rx) = inbox::<u32>(1);
+        let sender = thread::spawn(move || {
+            block_on(async {
+                tx.send(1).await?;
+                tx.send(2).await?;
+                tx.send(3).await
+            })
+        });
+        assert_eq!(receive(&rx, 3), [1, 2, 3]);
+        assert_eq!(sender.join().unwrap(), Ok(()));
+    });
+}
+
+/// Two senders wait on a full inbox: taking one message releases both (one may find it full
+/// again and wait again), and neither is left waiting beside free room.
+#[test]
+fn inbox_every_waiting_sender_released() {
+    check("inbox_every_waiting_sender_released", || {
+        let (tx, rx) = inbox::<u32>(1);
+        tx.try_send(0).unwrap();
+        let other = tx.clone();
+        let first = thread::spawn(move || block_on(tx.send(10)));
+        let second = thread::spawn(move || block_on(other.send(20)));
+        let mut got = receive(&rx, 3);
+        assert_eq!(got[0], 0);
+        got.sort_unstable();
+        assert_eq!(got, [0, 10, 20]);
+        assert_eq!(first.join().unwrap(), Ok(()));
+        assert_eq!(second.join().unwrap(), Ok(()));
+    });
+}
+
+/// The shard sees the end only after the last message of the last sender, and is woken for it:
+/// a sender's final message (a connection's `Closed`) is never cut off by its own drop.
+#[test]
+fn inbox_ends_after_last_sender() {
+    check("inbox_ends_after_last_sender", || {
+        let (tx, rx) = inbox::<u32>(4);
+        let other = tx.clone();
+        let first = thread::spawn(move || {
+            tx.try_send(1).unwrap();
+        });
+        let second = thread::spawn(move || {
+            other.try_send(2).unwrap();
+        });
+        let mut got = receive(&rx, usize::MAX);
+        got.sort_unstable();
+        assert_eq!(got, [1, 2]);
+        first.join().unwrap();
+        second.join().unwrap();
+    });
+}
+
+/// A sender waiting for room is released, with its message refused, when the shard goes.
+#[test]
+fn inbox_closed_releases_waiting_sender() {
+    check("inbox_closed_releases_waiting_sender", || {
+        let (tx, rx) = inbox::<u32>(1);
+        tx.try_send(1).unwrap();
+        let sender = thread::spawn(move || block_on(tx.send(2)));
+        drop(rx);
+        assert_eq!(sender.join().unwrap(), Err(Closed));
+    });
+}
+
+// ---- read readiness: the socket's reactor → a connection's task ---------------------------
+
+/// A read wake-up racing the start of the task's poll is never lost: either the poll sees it in
+/// the flag, or the task is woken again and the next poll does.
+#[test]
+fn readiness_no_lost_wakeup() {
+    check("readiness_no_lost_wakeup", || {
+        let readiness = crate::readiness::Readiness::new();
+        let read_waker = readiness.context().waker().clone();
+        let reactor = thread::spawn(move || read_waker.wake());
+        block_on(poll_fn(|cx| {
+            if readiness.begin(cx) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }));
+        reactor.join().unwrap();
     });
 }
 

@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
-use async_channel::{Sender, TrySendError};
 use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -22,6 +21,7 @@ use crate::gate::SharedGate;
 use crate::gauges::{Gauges, Held};
 use crate::head::{Head, read_head};
 use crate::http::{self, AcmeRoute, MetricsRoute};
+use crate::inbox::{self, Sender, TrySendError};
 use crate::proxy::read_proxy_header;
 use crate::published::Published;
 use crate::queue::ConnQueue;
@@ -32,8 +32,8 @@ use crate::{
     AcmeHttp, Executor, Options, PushSink, RESPONSE_LINGER, RenderMetrics, Threads, shard_seed,
 };
 
-/// Inputs a shard's channel holds before connections wait (backpressure on reading).
-const SHARD_CHANNEL: usize = 1024;
+/// Inputs a shard's inbox holds before connections wait (backpressure on reading).
+const SHARD_INBOX: usize = 1024;
 /// Pause after a failed `accept` (out of file descriptors, …) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Events a connection task handles before letting others on its worker run.
@@ -159,7 +159,7 @@ pub fn start<E: Executor>(options: Options) -> io::Result<Handle<E>> {
     let mut shards = Vec::with_capacity(workers);
     let mut receivers = Vec::with_capacity(workers);
     for _ in 0..workers {
-        let (tx, rx) = async_channel::bounded(SHARD_CHANNEL);
+        let (tx, rx) = inbox::inbox(SHARD_INBOX);
         shards.push(ShardLink {
             tx,
             published: Arc::default(),
@@ -462,7 +462,7 @@ async fn serve_http<E, S>(
             driver,
             open: Some(open),
             events: 0,
-            sending: None,
+            pending: None,
         });
     }
 }
@@ -547,22 +547,39 @@ struct Carry<E: Executor, S> {
     open: Option<Held>,
     /// Events since the task last let others on its worker run.
     events: u32,
-    /// A message waiting for room in the shard's channel, or the final `Closed`: `false` if the
-    /// shard is gone.
-    sending: Option<Pin<Box<dyn Future<Output = bool> + Send>>>,
+    /// A message waiting for room in the shard's inbox, or the final `Closed`; boxed because it
+    /// is rare, and an idle connection's task should not carry a message's size.
+    pending: Option<Box<ShardMsg>>,
 }
 
 impl<E: Executor, S> Carry<E, S> {
     fn send(&mut self, msg: ShardMsg) {
-        let tx = &self.node.shards[self.shard].tx;
-        match tx.try_send(msg) {
+        match self.node.shards[self.shard].tx.try_send(msg) {
             Ok(()) => {}
-            // Rare, so boxed: an idle connection's task should not carry a send's size.
-            Err(TrySendError::Full(msg)) => {
-                let tx = tx.clone();
-                self.sending = Some(Box::pin(async move { tx.send(msg).await.is_ok() }));
-            }
+            Err(TrySendError::Full(msg)) => self.pending = Some(Box::new(msg)),
             Err(TrySendError::Closed(_)) => self.end(Ended::Local),
+        }
+    }
+
+    /// Sends the pending message once the inbox has room; `Ready` when it is gone (delivered,
+    /// or dropped because the shard is gone).
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(msg) = self.pending.take() else {
+            return Poll::Ready(());
+        };
+        let tx = &self.node.shards[self.shard].tx;
+        match tx.try_send(*msg) {
+            Ok(()) => Poll::Ready(()),
+            Err(TrySendError::Full(msg)) => {
+                self.pending = Some(Box::new(msg));
+                ready!(tx.poll_room(cx));
+                // Room now: the caller polls again at once.
+                Poll::Ready(())
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.end(Ended::Local);
+                Poll::Ready(())
+            }
         }
     }
 
@@ -572,12 +589,10 @@ impl<E: Executor, S> Carry<E, S> {
         self.open = None;
         if let Some(slot) = self.slot.take() {
             self.node.release(slot);
-            let closed = ShardMsg::Input(Input::Closed {
+            self.pending = Some(Box::new(ShardMsg::Input(Input::Closed {
                 conn: self.conn,
                 ended,
-            });
-            let tx = self.node.shards[self.shard].tx.clone();
-            self.sending = Some(Box::pin(async move { tx.send(closed).await.is_ok() }));
+            })));
         }
     }
 }
@@ -595,15 +610,11 @@ where
             this.end(Ended::Dropped);
         }
         if let Some(driver) = &mut this.driver {
-            driver.begin_poll();
+            driver.begin_poll(cx);
         }
         loop {
-            if let Some(sending) = &mut this.sending {
-                let delivered = ready!(sending.as_mut().poll(cx));
-                this.sending = None;
-                if !delivered {
-                    this.end(Ended::Local);
-                }
+            if this.pending.is_some() {
+                ready!(this.poll_pending(cx));
                 continue;
             }
             let Some(driver) = &mut this.driver else {

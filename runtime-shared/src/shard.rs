@@ -1,23 +1,23 @@
 //! One actor task per shard: it owns the shard's [`Relay`], its single timer and its routing
 //! table, and is the only place the shard's state is touched.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
-use async_channel::Receiver;
-use futures_util::Stream;
 use switchyard_core::{Config, ConnKey, Input, Open, Output, Relay};
 
 use crate::future::yield_now;
+use crate::inbox::{Batch, Receiver};
 use crate::published::Published;
 use crate::queue::ConnQueue;
 use crate::{Executor, PushSink};
 
-/// Inputs handled before the shard publishes its figures and re-arms its timer.
+/// Inputs taken from the inbox at once, and handled before the shard publishes its figures and
+/// re-arms its timer.
 const BATCH: usize = 64;
 
 /// What connections and the node send a shard.
@@ -131,7 +131,7 @@ impl Shard {
 }
 
 enum Wake {
-    Msg(Option<ShardMsg>),
+    Batch(Batch),
     Timer,
 }
 
@@ -148,13 +148,13 @@ pub(crate) async fn run<E: Executor>(
         conns: HashMap::new(),
         push,
     };
-    let mut rx = pin!(rx);
+    let mut batch = VecDeque::with_capacity(BATCH);
     let mut timer = pin!(E::timer(E::now()));
     let mut armed: Option<Instant> = None;
     loop {
         let wake = poll_fn(|cx| {
-            if let Poll::Ready(msg) = rx.as_mut().poll_next(cx) {
-                return Poll::Ready(Wake::Msg(msg));
+            if let Poll::Ready(b) = rx.poll_batch(cx, &mut batch, BATCH) {
+                return Poll::Ready(Wake::Batch(b));
             }
             if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Wake::Timer);
@@ -163,18 +163,13 @@ pub(crate) async fn run<E: Executor>(
         })
         .await;
         match wake {
-            Wake::Msg(None) => break,
-            Wake::Msg(Some(msg)) => {
-                shard.handle(E::now(), msg);
-                let mut full = true;
-                for _ in 1..BATCH {
-                    match rx.try_recv() {
-                        Ok(msg) => shard.handle(E::now(), msg),
-                        Err(_) => {
-                            full = false;
-                            break;
-                        }
-                    }
+            Wake::Batch(Batch::Ended) => break,
+            Wake::Batch(Batch::Taken) => {
+                let full = batch.len() == BATCH;
+                // One reading of the clock for the batch: it arrived together.
+                let now = E::now();
+                while let Some(msg) = batch.pop_front() {
+                    shard.handle(now, msg);
                 }
                 if full {
                     yield_now().await;
@@ -185,7 +180,7 @@ pub(crate) async fn run<E: Executor>(
                 shard.timeout(E::now());
             }
         }
-        // A busy channel must not starve the timer.
+        // A busy inbox must not starve the timer.
         let now = E::now();
         if shard.relay.poll_timeout().is_some_and(|at| at <= now) {
             shard.timeout(now);
