@@ -3,11 +3,11 @@
 //! which holds everything else (see its documentation for the architecture).
 
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io::{self, IoSlice, Read};
 use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -21,8 +21,25 @@ pub use switchyard_runtime::{Options, RESPONSE_LINGER, RenderMetrics, shard_seed
 /// adds an `Arc` and two stored readiness futures to every connection, idle ones included.
 /// Closing shuts down the sending side, as async-net does (async-io's own close only flushes):
 /// the linger after a response (§2.1) needs the FIN.
+///
+/// Reading skips the `recv` calls that can only fail. async-io's own `poll_read` tries the
+/// socket first every time, so each message cost one `recv` that read it and two that found
+/// nothing (one before the readiness event was consumed, one after). Here a read that returns
+/// less than was asked for means the socket was empty, so the next read waits for readiness
+/// first, as tokio does. Re-arming interest (epoll's `EPOLL_CTL_MOD`) reports data that arrived
+/// in between, so nothing is missed (PERFORMANCE.md).
 #[derive(Debug)]
-pub struct Stream(Async<std::net::TcpStream>);
+pub struct Stream {
+    io: Async<std::net::TcpStream>,
+    /// The last read found the socket empty: wait for readiness before the next `recv`.
+    drained: bool,
+}
+
+impl Stream {
+    fn new(io: Async<std::net::TcpStream>) -> Stream {
+        Stream { io, drained: false }
+    }
+}
 
 impl AsyncRead for Stream {
     fn poll_read(
@@ -30,7 +47,22 @@ impl AsyncRead for Stream {
         cx: &mut Context<'_>,
         buf: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let this = &mut *self;
+        loop {
+            if this.drained {
+                ready!(this.io.poll_readable(cx))?;
+                this.drained = false;
+            }
+            match (&mut this.io.get_ref()).read(buf) {
+                Ok(n) => {
+                    this.drained = n < buf.len();
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => this.drained = true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
     }
 }
 
@@ -40,7 +72,7 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -48,15 +80,15 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(self.0.get_ref().shutdown(Shutdown::Write))
+        Poll::Ready(self.io.get_ref().shutdown(Shutdown::Write))
     }
 }
 
@@ -116,7 +148,7 @@ impl switchyard_runtime::Executor for Smol {
     async fn accept(listener: &Self::Listener) -> io::Result<(Stream, SocketAddr)> {
         let (stream, peer) = listener.accept().await?;
         let _ = stream.get_ref().set_nodelay(true);
-        Ok((Stream(stream), peer))
+        Ok((Stream::new(stream), peer))
     }
 
     fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
