@@ -12,6 +12,8 @@
 //!   binary and phones: claim, probe, register, forward, close notices, heartbeat, grace, outbox
 //!   budgets and shutdown.
 //!
+//! The metrics and http-01 listeners answer with [`answer_metrics`] and [`answer_acme_http`].
+//!
 //! Before the request head, on a listener that requires it (PROTOCOL.md §3.2),
 //! [`judge_proxy_header`] decides a PROXY protocol v2 header from the bytes read so far: how many
 //! more to read, the client address it names, or a refusal.
@@ -82,6 +84,7 @@ mod envelope;
 mod gate;
 mod id;
 mod io;
+mod listeners;
 mod loggable;
 mod outbox;
 mod proxy;
@@ -100,6 +103,9 @@ pub use envelope::{BinaryMessage, EnvelopeError, wrap_phone_frame};
 pub use gate::{Gate, Load, RESPONSE_LINGER, Response, Slot, Verdict};
 pub use id::{ConnId, ConnKey, ServerId, ServerIdError, Side};
 pub use io::{Input, Open, Output, Role};
+pub use listeners::{
+    ACME_CHALLENGE_PREFIX, Answer, METRICS_CONTENT_TYPE, answer_acme_http, answer_metrics,
+};
 pub use loggable::{BINARY_VERSION_MAX, DEVICE_NAME_MAX, loggable};
 pub use proxy::{PROXY_FIXED_LEN, PROXY_HEADER_MAX, ProxyHeader, ProxyReject, judge_proxy_header};
 pub use push::PushDispatcher;

@@ -1,5 +1,5 @@
-//! Fuzz targets on the stable toolchain: the request-head gate, the envelope parser and the PROXY
-//! v2 header decision, fed raw and structurally mutated bytes. Each asserts no panic and that
+//! Fuzz targets on the stable toolchain: the request-head gate, the metrics and http-01
+//! listeners, the envelope parser and the PROXY v2 header decision, fed raw and structurally mutated bytes. Each asserts no panic and that
 //! every answer is one PROTOCOL.md names; the envelope and PROXY targets also check the code
 //! against an independent oracle (built on `serde_json::Value`, and written from the PROXY
 //! protocol specification).
@@ -14,7 +14,10 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, FileFailurePersistence};
 use serde_json::Value;
-use switchyard_core::{BinaryMessage, CloseCode, Config, Gate, Load, Verdict, wrap_phone_frame};
+use switchyard_core::{
+    ACME_CHALLENGE_PREFIX, Answer, BinaryMessage, CloseCode, Config, Gate, Load, Verdict,
+    answer_acme_http, answer_metrics, wrap_phone_frame,
+};
 
 fn runner(default_cases: u32) -> RunnerConfig {
     let cases = std::env::var("FUZZ_CASES")
@@ -222,6 +225,83 @@ fn gate_answers_every_head_with_a_status_protocol_md_names() {
                 Ok(())
             },
         )
+        .unwrap();
+}
+
+// ---- the metrics and http-01 listeners ---------------------------------------------------------
+
+const LISTENER_HEADS: &[&str] = &[
+    "GET /metrics HTTP/1.1\r\nHost: m\r\n\r\n",
+    "GET /metrics?a=b HTTP/1.1\r\n\r\n",
+    "GET /.well-known/acme-challenge/tok_EN-1 HTTP/1.1\r\nHost: d\r\n\r\n",
+    "HEAD /.well-known/acme-challenge/tok_EN-1 HTTP/1.1\r\n\r\n",
+    "GET /.well-known/acme-challenge/other HTTP/1.0\r\n\r\n",
+];
+
+fn listener_input() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        head_input(),
+        (
+            prop::sample::select(LISTENER_HEADS),
+            prop::collection::vec(mutation(), 0..6)
+        )
+            .prop_map(|(h, ms)| {
+                let mut head = h.as_bytes().to_vec();
+                for m in &ms {
+                    apply(&mut head, m);
+                }
+                head
+            }),
+    ]
+}
+
+/// The status of a written answer, after checking its framing.
+fn listener_status(answer: &Answer) -> Option<u16> {
+    let Answer::Write(bytes) = answer else {
+        return None;
+    };
+    let status = std::str::from_utf8(&bytes[9..12]).unwrap().parse().unwrap();
+    check_response(bytes, status);
+    Some(status)
+}
+
+/// Whatever the bytes: no panic, a 200 or the 404 (or nothing written), the counters rendered
+/// only for a 200, and a key authorization asked only for a one-segment base64url token.
+#[test]
+fn listeners_answer_every_head_with_200_or_404() {
+    let mut runner = proptest::test_runner::TestRunner::new(runner(3000));
+    runner
+        .run(&listener_input(), |head| {
+            let mut rendered = false;
+            let answer = answer_metrics(&head, || {
+                rendered = true;
+                "# EOF\n".to_owned()
+            });
+            let status = listener_status(&answer);
+            prop_assert!(matches!(status, None | Some(200) | Some(404)));
+            prop_assert_eq!(rendered, status == Some(200));
+
+            let mut asked = None;
+            let answer = answer_acme_http(&head, |token| {
+                asked = Some(token.to_owned());
+                (token == "tok_EN-1").then(|| "tok_EN-1.key".to_owned())
+            });
+            let status = listener_status(&answer);
+            prop_assert!(matches!(status, None | Some(200) | Some(404)));
+            if let Some(token) = &asked {
+                prop_assert!(!token.is_empty());
+                prop_assert!(
+                    token
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                );
+                let line = String::from_utf8_lossy(&head);
+                let path = format!("{ACME_CHALLENGE_PREFIX}{token}");
+                prop_assert!(line.contains(&path));
+            }
+            prop_assert_eq!(status == Some(200), asked.as_deref() == Some("tok_EN-1"));
+            Ok(())
+        })
         .unwrap();
 }
 

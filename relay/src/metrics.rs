@@ -19,7 +19,7 @@ use switchyard_core::{
 use crate::cli::Settings;
 
 /// The `Content-Type` of a `/metrics` response.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub use switchyard_core::METRICS_CONTENT_TYPE as CONTENT_TYPE;
 
 /// What the exposition shows besides the counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

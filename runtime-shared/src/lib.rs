@@ -43,7 +43,6 @@ mod future;
 mod gate;
 mod gauges;
 pub mod head;
-pub mod http;
 mod inbox;
 #[cfg(all(test, switchyard_loom))]
 mod loom_models;

@@ -12,7 +12,8 @@ use futures_rustls::TlsAcceptor;
 use futures_rustls::server::TlsStream;
 use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use switchyard_core::{
-    Config, ConnKey, Counters, Ended, Gate, Input, Load, Response, Slot, Verdict,
+    Answer, Config, ConnKey, Counters, Ended, Gate, Input, Load, Response, Slot, Verdict,
+    answer_acme_http, answer_metrics,
 };
 
 use crate::driver::{ConnDriver, Event};
@@ -20,7 +21,6 @@ use crate::future::{deadline_after, race, sleep, timeout, timeout_at};
 use crate::gate::SharedGate;
 use crate::gauges::{Gauges, Held};
 use crate::head::{Head, read_head};
-use crate::http::{self, AcmeRoute, MetricsRoute};
 use crate::inbox::{self, Sender, TrySendError};
 use crate::proxy::read_proxy_header;
 use crate::published::Published;
@@ -687,23 +687,18 @@ async fn linger<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(node: &Node<E>, 
     .await;
 }
 
+/// The metrics listener (§12): the core's answer to the head, read under stage-0 rules.
 async fn serve_metrics<E: Executor>(node: Arc<Node<E>>, mut socket: E::Stream, deadline: Instant) {
     let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
-    let response = match http::metrics_route(&head.head) {
-        MetricsRoute::Drop => return,
-        MetricsRoute::NotFound => Response::not_found().bytes.to_vec(),
-        MetricsRoute::Metrics => http::metrics_response(&(node.render_metrics)(&node.counters())),
-    };
-    if socket.write_all(&response).await.is_ok() {
-        linger(&node, socket).await;
-    }
+    let answer = answer_metrics(&head.head, || (node.render_metrics)(&node.counters()));
+    write_answer(&node, socket, answer).await;
 }
 
-/// The http-01 listener (§2.1): key authorizations under `/.well-known/acme-challenge/`, the
-/// 404 of §2.3 for everything else, under the main listener's stage-0 rules (a PROXY v2 header
-/// first with `--acme-http-proxy-protocol`, the head by `deadline`, the head size limit).
+/// The http-01 listener (§2.1): the core's answer to the head, under the main listener's
+/// stage-0 rules (a PROXY v2 header first with `--acme-http-proxy-protocol`, the head by
+/// `deadline`, the head size limit).
 async fn serve_acme_http<E: Executor>(
     node: Arc<Node<E>>,
     mut socket: E::Stream,
@@ -723,17 +718,20 @@ async fn serve_acme_http<E: Executor>(
     let Some(head) = head(&node, &mut socket, deadline).await else {
         return;
     };
-    let response = match http::acme_route(&head.head) {
-        AcmeRoute::Drop => return,
-        AcmeRoute::Challenge { token, head_only } => acme
-            .answers
-            .key_authorization(&token)
-            .map(|key_auth| http::acme_response(&key_auth, head_only)),
-        AcmeRoute::NotFound => None,
-    }
-    .unwrap_or_else(|| Response::not_found().bytes.to_vec());
-    if socket.write_all(&response).await.is_ok() {
-        linger(&node, socket).await;
+    let answer = answer_acme_http(&head.head, |token| acme.answers.key_authorization(token));
+    write_answer(&node, socket, answer).await;
+}
+
+/// Writes a listener's answer and lingers (§2.1), or closes writing nothing.
+async fn write_answer<E: Executor, S: AsyncRead + AsyncWrite + Unpin>(
+    node: &Node<E>,
+    mut socket: S,
+    answer: Answer,
+) {
+    if let Answer::Write(bytes) = answer {
+        if socket.write_all(&bytes).await.is_ok() {
+            linger(node, socket).await;
+        }
     }
 }
 
