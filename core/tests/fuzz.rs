@@ -113,21 +113,23 @@ fn apply(head: &mut Vec<u8>, m: &Mutation) {
     }
 }
 
+/// One of `heads`, structurally mutated up to five times.
+fn mutated(heads: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop::sample::select(heads),
+        prop::collection::vec(mutation(), 0..6),
+    )
+        .prop_map(|(h, ms)| {
+            let mut head = h.as_bytes().to_vec();
+            for m in &ms {
+                apply(&mut head, m);
+            }
+            head
+        })
+}
+
 fn head_input() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        prop::collection::vec(any::<u8>(), 0..600),
-        (
-            prop::sample::select(HEADS),
-            prop::collection::vec(mutation(), 0..6)
-        )
-            .prop_map(|(h, ms)| {
-                let mut head = h.as_bytes().to_vec();
-                for m in &ms {
-                    apply(&mut head, m);
-                }
-                head
-            }),
-    ]
+    prop_oneof![prop::collection::vec(any::<u8>(), 0..600), mutated(HEADS),]
 }
 
 /// Checks one rendered response against §2–§3: status line, framing headers, body length.
@@ -239,20 +241,7 @@ const LISTENER_HEADS: &[&str] = &[
 ];
 
 fn listener_input() -> impl Strategy<Value = Vec<u8>> {
-    prop_oneof![
-        head_input(),
-        (
-            prop::sample::select(LISTENER_HEADS),
-            prop::collection::vec(mutation(), 0..6)
-        )
-            .prop_map(|(h, ms)| {
-                let mut head = h.as_bytes().to_vec();
-                for m in &ms {
-                    apply(&mut head, m);
-                }
-                head
-            }),
-    ]
+    prop_oneof![head_input(), mutated(LISTENER_HEADS)]
 }
 
 /// The status of a written answer, after checking its framing.
